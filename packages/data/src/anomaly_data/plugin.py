@@ -1,0 +1,3 @@
+"""Hook implementations of anomaly-data."""
+
+from __future__ import annotations

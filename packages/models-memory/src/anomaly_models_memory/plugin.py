@@ -1,0 +1,3 @@
+"""Hook implementations of anomaly-models-memory."""
+
+from __future__ import annotations
