@@ -47,6 +47,8 @@ class AnomalyModule(pl.LightningModule):
         super().__init__()
         self.post_processor = PostProcessor()
         self._fit_pending = False
+        # (height, width) the model was fitted at; prediction on files resizes to it.
+        self.input_size: tuple[int, int] | None = None
 
     # --- to implement -------------------------------------------------------------------
 

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from anomaly._errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "read_image", "read_mask", "to_rgb"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "image_to_tensor",
+    "is_image_file",
+    "mask_to_tensor",
+    "read_image",
+    "read_mask",
+    "to_rgb",
+]
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
@@ -86,3 +98,35 @@ def read_mask(path: str | Path) -> np.ndarray:
         image = image.convert("RGBA").getchannel("A") if image.mode == "LA" else image
     gray = to_rgb(image).max(axis=2)
     return gray > 127
+
+
+def image_to_tensor(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Resize an (H, W, 3) uint8 image (bilinear, antialiased) to a (3, h, w) float tensor.
+
+    Every path into a model (training data, prediction on files or arrays) resizes through
+    this function, so a model sees the same pixels at training and at prediction time.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        size: ``(height, width)`` of the result.
+
+    Returns:
+        (3, height, width) float32 in [0, 1].
+    """
+    import torch
+
+    height, width = size
+    resized = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def mask_to_tensor(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Resize an (H, W) bool mask (nearest neighbour) to an (h, w) bool tensor."""
+    import torch
+
+    height, width = size
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        (width, height), Image.Resampling.NEAREST
+    )
+    return torch.from_numpy(np.asarray(resized) > 127)

@@ -1,0 +1,236 @@
+"""``anomaly fit|test|train|predict|export``: one pipeline stage each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from anomaly._cli._common import (
+    CONFIG_HELP,
+    CONTEXT_SETTINGS,
+    ResultsFolder,
+    build_component,
+    config_options,
+    data_label,
+    load_run_config,
+    make_engine,
+    metrics_json,
+    metrics_table,
+    prepare,
+    progress_bar,
+    set_seed,
+    splits_table,
+    write_json,
+    write_predictions,
+    write_yaml,
+)
+from anomaly._cli._console import console, err_console
+from anomaly._plugins import get_plugin_manager
+
+CKPT_HELP = "Checkpoint file (weights/model.ckpt of a run) or torch export folder."
+
+
+def _quiet(ctx: click.Context) -> bool:
+    obj = ctx.find_root().obj
+    return bool(obj.get("quiet")) if obj else False
+
+
+def _fit_and_maybe_test(ctx: click.Context, configs: tuple[str, ...], as_json: bool, *, test: bool) -> None:
+    config = load_run_config(configs, ctx.args)
+    pm = get_plugin_manager()
+    model, datamodule = prepare(config, pm)
+    assert model is not None and datamodule is not None  # noqa: S101 - prepare built both
+    if not as_json:
+        err_console.print(splits_table(datamodule.summaries))
+    results = ResultsFolder(config.results_dir, config.model.name, *data_label(config))
+    with results as folder:
+        write_yaml(folder / "config.yaml", config.to_dict())
+        with progress_bar(not _quiet(ctx) and not as_json) as progress:
+            engine = make_engine(config, pm, progress)
+            fitted = engine.fit(model, datamodule)
+            checkpoint = engine.save_checkpoint(model, folder / "weights" / "model.ckpt")
+            result = None
+            if test:
+                result = engine.test(
+                    model, datamodule, metrics=config.metrics, visualizer=config.visualizer,
+                    output_dir=folder / "images",
+                )
+        report: dict[str, object] = {
+            "model": config.model.name,
+            "data": config.data.name,
+            "fit_seconds": round(fitted.seconds, 3),
+            "train_images": fitted.train_images,
+            "thresholds": {"image": fitted.image_threshold, "pixel": fitted.pixel_threshold},
+            "checkpoint": str(results.relocate(checkpoint)),
+        }
+        if result is not None:
+            report.update(metrics_json(result))
+            write_json(folder / "metrics.json", report)
+            write_predictions(folder / "predictions.csv", result.predictions)
+        else:
+            write_json(folder / "fit.json", report)
+    if as_json:
+        report["results_dir"] = str(results.final)
+        console.print_json(json.dumps(report))
+        return
+    if result is not None:
+        console.print(metrics_table(result))
+    console.print(f"fit {fitted.seconds:.1f} s on {fitted.train_images} images")
+    console.print(f"Checkpoint: [bold]{report['checkpoint']}[/bold]")
+    console.print(f"Results: [bold]{results.final}[/bold]")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=CONFIG_HELP)
+@config_options
+@click.pass_context
+def fit(ctx: click.Context, configs: tuple[str, ...], as_json: bool) -> None:
+    """Fit a model and learn its thresholds.
+
+    Fits on the training split, learns thresholds and normalization on the validation
+    split and writes the checkpoint and resolved config into a new results folder.
+
+    \b
+    Examples:
+      anomaly fit --model patchcore --data folder --data.root ./screws --data.abnormal_dirs [bad]
+    """
+    _fit_and_maybe_test(ctx, configs, as_json, test=False)
+
+
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=CONFIG_HELP)
+@config_options
+@click.pass_context
+def train(ctx: click.Context, configs: tuple[str, ...], as_json: bool) -> None:
+    """Fit a model, then test it.
+
+    Like 'anomaly run' without the export: writes the checkpoint, metrics, predictions and
+    heat-map images into a new results folder.
+
+    \b
+    Examples:
+      anomaly train --model padim --data demo --data.category grass
+    """
+    _fit_and_maybe_test(ctx, configs, as_json, test=True)
+
+
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=CONFIG_HELP)
+@click.option("--ckpt", required=True, type=click.Path(), help=CKPT_HELP)
+@config_options
+@click.pass_context
+def test(ctx: click.Context, ckpt: str, configs: tuple[str, ...], as_json: bool) -> None:
+    """Test a fitted model on a dataset's test split.
+
+    The model comes from the checkpoint; the data, metrics and visualizer from the config
+    and options. Writes metrics, predictions and heat-map images into a new results folder.
+
+    \b
+    Examples:
+      anomaly test --ckpt results/patchcore/demo/brick/20260101-120000/weights/model.ckpt
+    """
+    config = load_run_config(configs, ctx.args)
+    pm = get_plugin_manager()
+    set_seed(config.seed)
+    engine = make_engine(config, pm, None)
+    model = engine.load_model(ckpt)
+    for name in config.metrics:
+        pm.metric(name)
+    datamodule = build_component(pm, "data", config.data.name, config.data.init_args)
+    datamodule.setup()
+    model_name = engine.model_name(model)
+    results = ResultsFolder(config.results_dir, model_name, *data_label(config))
+    with results as folder:
+        write_yaml(folder / "config.yaml", config.to_dict())
+        with progress_bar(not _quiet(ctx) and not as_json) as progress:
+            engine.progress = progress
+            result = engine.test(
+                model, datamodule, metrics=config.metrics, visualizer=config.visualizer,
+                output_dir=folder / "images",
+            )
+        report = {"model": model_name, "data": config.data.name, "checkpoint": str(ckpt), **metrics_json(result)}
+        write_json(folder / "metrics.json", report)
+        write_predictions(folder / "predictions.csv", result.predictions)
+    if as_json:
+        report["results_dir"] = str(results.final)
+        console.print_json(json.dumps(report))
+        return
+    console.print(metrics_table(result))
+    console.print(f"Results: [bold]{results.final}[/bold]")
+
+
+@click.command(context_settings={**CONTEXT_SETTINGS, "ignore_unknown_options": False, "allow_extra_args": False})
+@click.option("--ckpt", required=True, type=click.Path(), help=CKPT_HELP)
+@click.option("--output", "-o", type=click.Path(file_okay=False), default="results/predictions", show_default=True, help="Folder for predictions and images (a new subfolder per call).")
+@click.option("--visualizer", default="image", show_default=True, help="Visualizer name, or 'none' for no images.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Images per batch.")
+@click.option("--json", "as_json", is_flag=True, default=False, show_default=True, help="Print the predictions as JSON on stdout.")
+@click.argument("source", type=click.Path())
+@click.pass_context
+def predict(ctx: click.Context, ckpt: str, output: str, visualizer: str, batch_size: int, as_json: bool, source: str) -> None:
+    """Predict scores, labels and heat maps for images.
+
+    SOURCE is an image file or a folder (searched recursively). Writes predictions.csv,
+    predictions.json and one visualization per image into a new folder under --output.
+
+    \b
+    Examples:
+      anomaly predict --ckpt results/.../weights/model.ckpt ./new_images
+    """
+    pm = get_plugin_manager()
+    from anomaly._engine import Engine, image_paths
+
+    engine = Engine(plugin_manager=pm)
+    model = engine.load_model(ckpt)
+    image_paths(source)  # a missing or empty source fails before any folder is made
+    chosen = None if visualizer.lower() == "none" else visualizer
+    if chosen is not None:
+        pm.visualizer(chosen)
+    results = ResultsFolder(Path(output))
+    with results as folder:
+        with progress_bar(not _quiet(ctx) and not as_json) as progress:
+            engine.progress = progress
+            result = engine.predict(
+                model, source, visualizer=chosen, output_dir=folder / "images",
+                batch_size=batch_size, keep_batches=False,
+            )
+        rows = [
+            {"image_path": row.image_path, "pred_score": row.pred_score, "pred_label": row.pred_label}
+            for row in result.predictions
+        ]
+        write_predictions(folder / "predictions.csv", result.predictions)
+        write_json(folder / "predictions.json", rows)
+    if as_json:
+        console.print_json(json.dumps({"results_dir": str(results.final), "predictions": rows}))
+        return
+    anomalous = sum(row["pred_label"] for row in rows)
+    console.print(f"{len(rows)} images, {anomalous} anomalous")
+    console.print(f"Results: [bold]{results.final}[/bold]")
+
+
+@click.command(context_settings={**CONTEXT_SETTINGS, "ignore_unknown_options": False, "allow_extra_args": False})
+@click.option("--ckpt", required=True, type=click.Path(), help=CKPT_HELP)
+@click.option("--format", "fmt", default="torch", show_default=True, help="Export format (see 'anomaly plugins').")
+@click.option("--output", "-o", type=click.Path(file_okay=False), default="results/export", show_default=True, help="Folder to write the export into.")
+def export(ckpt: str, fmt: str, output: str) -> None:
+    """Export a fitted model for deployment.
+
+    Writes the model with its pre- and post-processing and a metadata.json into --output.
+
+    \b
+    Examples:
+      anomaly export --ckpt results/.../weights/model.ckpt --format torch -o deploy/
+    """
+    from anomaly._engine import Engine
+
+    pm = get_plugin_manager()
+    pm.exporter(fmt)
+    engine = Engine(plugin_manager=pm)
+    model = engine.load_model(ckpt)
+    target = Path(output)
+    if target.exists() and any(target.iterdir()):
+        from anomaly._errors import ConfigError
+
+        msg = f"export folder {str(target)!r} is not empty; pick a new --output or empty it"
+        raise ConfigError(msg)
+    result = engine.export(model, target, format=fmt)
+    console.print(f"Exported ({result.format}): [bold]{result.path}[/bold]")
