@@ -63,7 +63,7 @@ def _items(count, defective, seed):
     labels = torch.zeros(count, dtype=torch.long)
     for index in range(count - defective, count):
         masks[index, 8:14, 10:16] = True
-        images[index, :, 8:14, 10:16] = 1.0
+        images[index, :, 8:14, 10:16] = 0.9
         labels[index] = 1
     return Items(images.clamp(0, 1), labels, masks)
 
@@ -106,8 +106,8 @@ def test_fit_learns_thresholds_between_normal_and_defective(fitted):
     assert result.train_images == 8
     assert bool(model.post_processor.fitted)
     assert model.input_size == (32, 32)
-    # Defects sit at 1.0 against a 0.5 background: the threshold separates them.
-    assert 0.1 < result.image_threshold < 0.6
+    # Defects sit at 0.9 against a 0.5 background: the threshold separates them.
+    assert 0.1 < result.image_threshold < 0.5
 
 
 def test_test_scores_defects_anomalous(fitted):

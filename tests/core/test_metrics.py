@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -132,10 +133,10 @@ def test_threshold_free_metrics_rank_by_raw_score():
 
 def test_image_f1_max_hand_case():
     metric = ImageF1Max()
-    # Threshold 0.6 flags {0.9, 0.6}: TP 1, FP 1, FN 1 -> 0.5; threshold 0.3 flags all four:
-    # TP 2, FP 2 -> 2/3; threshold 0.9 flags one positive: TP 1, FN 1 -> 2/3.
+    # Threshold 0.9 flags one of two positives: 2 TP / (2 TP + FP + FN) = 2 / 3; threshold 0.3
+    # flags {0.9, 0.6, 0.3}: TP 2, FP 1, FN 0 -> 4 / 5; threshold 0.1 flags all: 4 / 6.
     metric.update(image_batch([0.9, 0.6, 0.3, 0.1], [1, 0, 1, 0]))
-    assert metric.compute() == pytest.approx(2 / 3)
+    assert metric.compute() == pytest.approx(0.8)
 
 
 def test_image_f1_uses_predicted_labels_and_matches_sklearn():
@@ -330,7 +331,9 @@ def test_aupro_counts_normal_pixels_of_every_image():
     maps, masks = two_region_case()
     normal = np.zeros_like(maps)
     metric = AUPRO(fpr_limit=1.0)
-    metric.update(pixel_batch(np.concatenate([maps, normal]), np.concatenate([masks, ~masks & 0])))
+    metric.update(
+        pixel_batch(np.concatenate([maps, normal]), np.concatenate([masks, np.zeros_like(masks)]))
+    )
     # 13 normal pixels now; the eight zeros come last, so the curve reaches PRO 1 at FPR 2/13.
     assert metric.compute() == pytest.approx((2 / 13 * 0.75 + 11 / 13) / 1.0)
 
@@ -369,23 +372,18 @@ def test_aupro_weighs_regions_equally_not_pixels():
 
 def reference_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
     """Straightforward AUPRO: one full pass over the images per threshold."""
-    regions = []
-    for mask in masks:
+    regions = []  # (image index, region mask)
+    for index, mask in enumerate(masks):
         labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        regions += [(len(regions) and 0) or (labelled == index) for index in range(1, count + 1)]
-    region_images = [
-        index for index, mask in enumerate(masks) for _ in range(ndimage.label(mask, np.ones((3, 3)))[1])
-    ]
+        regions += [(index, labelled == label) for label in range(1, count + 1)]
     normal = maps[~masks]
     points = [(0.0, 0.0)]
     for threshold in np.unique(maps)[::-1]:
         fpr = float(np.mean(normal >= threshold))
-        pro = np.mean(
-            [np.mean(maps[image][region] >= threshold) for image, region in zip(region_images, regions)]
-        )
+        pro = np.mean([np.mean(maps[image][region] >= threshold) for image, region in regions])
         points.append((fpr, float(pro)))
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 >= fpr_limit:
             break
         if x1 > fpr_limit:
@@ -400,7 +398,11 @@ def test_aupro_matches_a_direct_computation(seed: int, fpr_limit: float):
     maps, masks = random_pixels(seed, count=5, size=16)
     metric = AUPRO(fpr_limit=fpr_limit)
     for start in range(0, len(maps), 2):
-        metric.update(pixel_batch(maps[start : start + 2], masks[start : start + 2], raw=maps[start : start + 2]))
+        metric.update(
+            pixel_batch(
+                maps[start : start + 2], masks[start : start + 2], raw=maps[start : start + 2]
+            )
+        )
     assert metric.compute() == pytest.approx(reference_aupro(maps, masks, fpr_limit), abs=1e-9)
 
 
@@ -424,7 +426,7 @@ def test_aupro_with_unit_weights_and_full_range_equals_auroc():
 
 @pytest.mark.parametrize("fpr_limit", [0.0, -0.1, 1.5, "0.3", True, float("nan")])
 def test_aupro_rejects_bad_fpr_limit(fpr_limit):
-    with pytest.raises(ConfigError, match="aupro.fpr_limit"):
+    with pytest.raises(ConfigError, match=r"aupro\.fpr_limit"):
         AUPRO(fpr_limit=fpr_limit)
 
 

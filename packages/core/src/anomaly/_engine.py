@@ -261,6 +261,7 @@ _LIGHTNING_NOTICES = (
     r".*does not have many workers.*",
     r".*GPU available but not used.*",
     r".*LitLogger.*",
+    r".*LeafSpec.*",
 )
 
 

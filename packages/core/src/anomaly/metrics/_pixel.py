@@ -69,9 +69,7 @@ class _PixelMetric(AnomalyMetric):
         if read is not None:
             self._add(*read)
 
-    def _read(
-        self, batch: Batch
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]] | None:
+    def _read(self, batch: Batch) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]] | None:
         """Return (B, H, W) float32 scores and bool masks, or None to skip the batch."""
         anomaly_map = batch.raw_map if batch.raw_map is not None else batch.anomaly_map
         if anomaly_map is None:
@@ -156,9 +154,7 @@ class PixelAUROC(_PixelMetric):
         reason = self._why_unavailable(need_normal=True)
         if reason is not None:
             return self._unavailable(reason)
-        return self._available(
-            _functional.auroc(self._sorted_negatives(), self._positive_scores())
-        )
+        return self._available(_functional.auroc(self._sorted_negatives(), self._positive_scores()))
 
 
 class PixelF1Max(_PixelMetric):
