@@ -24,8 +24,19 @@ def test_defaults_train_patchcore_on_the_demo():
 
 def test_overrides_parse_yaml_values_and_dotted_keys():
     parsed = parse_overrides(
-        ["--model", "padim", "--model.layers", "[4, 8]", "--data.root=imgs", "--seed", "3",
-         "--engine.max_epochs", "2", "--visualizer", "null"]
+        [
+            "--model",
+            "padim",
+            "--model.layers",
+            "[4, 8]",
+            "--data.root=imgs",
+            "--seed",
+            "3",
+            "--engine.max_epochs",
+            "2",
+            "--visualizer",
+            "null",
+        ]
     )
     assert parsed == {
         "model": {"name": "padim", "layers": [4, 8]},

@@ -20,6 +20,7 @@ from anomaly.metrics import (
     ImageF1Max,
     PixelAUROC,
     PixelF1Max,
+    _functional,
 )
 
 
@@ -221,7 +222,9 @@ def test_pixel_auroc_and_f1_max_match_sklearn(seed: int):
     auroc, f1_max = PixelAUROC(), PixelF1Max()
     for start in range(0, len(maps), 4):
         # Post-processed maps are clipped to [0, 1]; the metrics must read raw_map.
-        batch = pixel_batch(maps[start : start + 4], masks[start : start + 4], raw=maps[start:][:4])
+        batch = pixel_batch(
+            maps[start : start + 4], masks[start : start + 4], raw=maps[start : start + 4]
+        )
         auroc.update(batch)
         f1_max.update(batch)
     expected_auroc = roc_auc_score(masks.ravel(), maps.ravel())
@@ -466,3 +469,15 @@ def test_registered_metrics_load_and_build_with_defaults(name: str, level: str):
     metric = metric_type()
     assert (metric.name, metric.level, spec.level) == (name, level, level)
     assert math.isnan(metric.compute())
+
+
+def test_chunked_kernels_give_the_same_values(monkeypatch: pytest.MonkeyPatch):
+    maps, masks = random_pixels(8)
+    metrics = [PixelAUROC(), PixelF1Max(), AUPRO(), AUPRO(fpr_limit=1.0)]
+    whole = []
+    for metric in metrics:
+        metric.update(pixel_batch(maps, masks))
+        whole.append(metric.compute())
+    # Tiny chunks run every slice loop many times; the result must not depend on them.
+    monkeypatch.setattr(_functional, "_CHUNK", 7)
+    assert [metric.compute() for metric in metrics] == pytest.approx(whole, abs=1e-12)

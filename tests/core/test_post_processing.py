@@ -55,9 +55,12 @@ def test_post_processor_learns_f1_threshold_and_normalizes():
     assert float(processor.pixel_threshold) == pytest.approx(5.0)
     out = processor(_batch([0.1, 0.85], [0, 1], maps[1:3], masks[1:3]))
     assert out.pred_label.tolist() == [0, 1]
-    assert out.pred_mask[1].sum() == 4 and not out.pred_mask[0].any()
-    assert float(out.pred_score.min()) >= 0 and float(out.pred_score.max()) <= 1
-    assert out.raw_score is not None and out.raw_score[1] == pytest.approx(0.85)
+    assert out.pred_mask[1].sum() == 4
+    assert not out.pred_mask[0].any()
+    assert float(out.pred_score.min()) >= 0
+    assert float(out.pred_score.max()) <= 1
+    assert out.raw_score is not None
+    assert out.raw_score[1] == pytest.approx(0.85)
 
 
 def test_post_processor_uses_normal_quantile_without_anomalies():

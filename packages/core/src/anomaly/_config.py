@@ -29,7 +29,14 @@ __all__ = [
     "resolve_config",
 ]
 
-DEFAULT_METRICS = ("image_auroc", "image_f1", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro")
+DEFAULT_METRICS = (
+    "image_auroc",
+    "image_f1",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_f1_max",
+    "aupro",
+)
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "model": {"name": "patchcore"},
@@ -139,12 +146,20 @@ def load_config_files(paths: Sequence[str | Path]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     result = copy.deepcopy(base)
     for key, value in update.items():
-        if key in _COMPONENT_SECTIONS and isinstance(value, dict) and isinstance(result.get(key), dict):
+        if (
+            key in _COMPONENT_SECTIONS
+            and isinstance(value, dict)
+            and isinstance(result.get(key), dict)
+        ):
             # A different component name starts its arguments afresh.
             if "name" in value and value["name"] != result[key].get("name"):
                 result[key] = {}
             result[key].update(copy.deepcopy(value))
-        elif key in _MAPPING_SECTIONS and isinstance(value, dict) and isinstance(result.get(key), dict):
+        elif (
+            key in _MAPPING_SECTIONS
+            and isinstance(value, dict)
+            and isinstance(result.get(key), dict)
+        ):
             result[key].update(copy.deepcopy(value))
         else:
             result[key] = copy.deepcopy(value)

@@ -132,12 +132,20 @@ class _ProgressBridge(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.done = 0
         epoch = f"fit (epoch {trainer.current_epoch + 1}/{trainer.max_epochs})"
-        self.progress(epoch if (trainer.max_epochs or 1) > 1 else "fit", 0, self._total(trainer.num_training_batches))
+        self.progress(
+            epoch if (trainer.max_epochs or 1) > 1 else "fit",
+            0,
+            self._total(trainer.num_training_batches),
+        )
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self.done += 1
         epoch = f"fit (epoch {trainer.current_epoch + 1}/{trainer.max_epochs})"
-        self.progress(epoch if (trainer.max_epochs or 1) > 1 else "fit", self.done, self._total(trainer.num_training_batches))
+        self.progress(
+            epoch if (trainer.max_epochs or 1) > 1 else "fit",
+            self.done,
+            self._total(trainer.num_training_batches),
+        )
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.done = 0
@@ -183,7 +191,8 @@ class _Collector(pl.Callback):
             metric.update(batch)
         if self.visualizer is not None:
             self.written.extend(self.visualizer.visualize(batch))
-        assert batch.pred_score is not None and batch.pred_label is not None  # noqa: S101 - set by post-processing
+        assert batch.pred_score is not None
+        assert batch.pred_label is not None
         for index in range(len(batch)):
             self.rows.append(
                 ImagePrediction(
@@ -239,15 +248,21 @@ def image_paths(source: str | Path) -> list[Path]:
         raise DataError(msg)
     if path.is_file():
         if not is_image_file(path):
-            msg = f"{str(path)!r} is not an image file (by its extension); pass an image or a folder"
+            msg = (
+                f"{str(path)!r} is not an image file (by its extension); pass an image or a folder"
+            )
             raise DataError(msg)
         return [path]
     found = sorted(
-        item for item in path.rglob("*")
-        if is_image_file(item) and not any(part.startswith(".") for part in item.relative_to(path).parts)
+        item
+        for item in path.rglob("*")
+        if is_image_file(item)
+        and not any(part.startswith(".") for part in item.relative_to(path).parts)
     )
     if not found:
-        msg = f"folder {str(path)!r} holds no images; add .png/.jpg/... files or pick another folder"
+        msg = (
+            f"folder {str(path)!r} holds no images; add .png/.jpg/... files or pick another folder"
+        )
         raise DataError(msg)
     return found
 
@@ -302,7 +317,9 @@ class Engine:
 
     # --- trainer ------------------------------------------------------------------------
 
-    def _build_trainer(self, model: AnomalyModule, callbacks: Iterable[pl.Callback] = ()) -> pl.Trainer:
+    def _build_trainer(
+        self, model: AnomalyModule, callbacks: Iterable[pl.Callback] = ()
+    ) -> pl.Trainer:
         arguments: dict[str, Any] = {
             "accelerator": "auto",
             "devices": 1,
@@ -396,7 +413,9 @@ class Engine:
         collector = _Collector(built_metrics, built_visualizer, keep=False)
         start = time.perf_counter()
         with _quiet_lightning():
-            self._build_trainer(model, [collector]).test(model, datamodule=datamodule, verbose=False)
+            self._build_trainer(model, [collector]).test(
+                model, datamodule=datamodule, verbose=False
+            )
         seconds = time.perf_counter() - start
         values: dict[str, float] = {}
         notes: dict[str, str] = {}
@@ -448,7 +467,9 @@ class Engine:
                 raise ConfigError(msg)
             for path in paths:
                 read_image(path)  # fail on a corrupt file before any work
-            loader = DataLoader(_FileDataset(paths, size), batch_size=batch_size, collate_fn=collate)
+            loader = DataLoader(
+                _FileDataset(paths, size), batch_size=batch_size, collate_fn=collate
+            )
         collector = _Collector({}, self.build_visualizer(visualizer, output_dir), keep=keep_batches)
         with _quiet_lightning():
             self._build_trainer(model, [collector]).predict(
@@ -552,7 +573,7 @@ class Engine:
             raise ConfigError(msg)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
+        except Exception as err:
             msg = f"checkpoint {str(path)!r} cannot be loaded safely ({type(err).__name__}); it may be corrupt or not an anomaly checkpoint"
             raise ConfigError(msg) from err
         meta = payload.get("anomaly") if isinstance(payload, dict) else None

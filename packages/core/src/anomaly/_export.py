@@ -14,12 +14,14 @@ from anomaly._errors import ExportError
 from anomaly._module import AnomalyModule
 from anomaly._plugins import PluginManager
 
-__all__ = ["METADATA_SCHEMA_VERSION", "export_torch", "export_metadata"]
+__all__ = ["METADATA_SCHEMA_VERSION", "export_metadata", "export_torch"]
 
 METADATA_SCHEMA_VERSION = 1
 
 
-def export_metadata(model: AnomalyModule, model_name: str, fmt: str, model_file: str) -> dict[str, Any]:
+def export_metadata(
+    model: AnomalyModule, model_name: str, fmt: str, model_file: str
+) -> dict[str, Any]:
     """Describe an export: what an inferencer needs besides the model file."""
     post = model.post_processor
     height, width = model.input_size or (0, 0)
@@ -80,5 +82,7 @@ def export_torch(
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(model, directory / "model.pt")
     metadata = export_metadata(model, engine.model_name(model), "torch", "model.pt")
-    (directory / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    (directory / "metadata.json").write_text(
+        json.dumps(metadata, indent=2) + "\n", encoding="utf-8"
+    )
     return directory

@@ -137,8 +137,8 @@ class AnomalyModule(pl.LightningModule):
         for key, value in state_dict.items():
             owner_name, _, leaf = key.rpartition(".")
             owner = self.get_submodule(owner_name) if owner_name else self
-            if leaf in owner._buffers:  # noqa: SLF001 - torch's own registry of buffers
-                current = owner._buffers[leaf]  # noqa: SLF001
+            if leaf in owner._buffers:
+                current = owner._buffers[leaf]
                 if current is None or current.shape != value.shape:
-                    owner._buffers[leaf] = torch.empty_like(value)  # noqa: SLF001
+                    owner._buffers[leaf] = torch.empty_like(value)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -209,7 +209,7 @@ class PluginManager:
             names = {_normalize(info.distribution), _normalize(info.entry_point)}
             if names & disabled:
                 info.status = PluginStatus.BLOCKED
-                info.reason = "blocked by ANOMALY_DISABLE_PLUGINS"
+                info.reason = "listed in ANOMALY_DISABLE_PLUGINS"
                 continue
             if allowed is not None and not names & allowed:
                 info.status = PluginStatus.BLOCKED

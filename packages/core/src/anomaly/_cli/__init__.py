@@ -97,9 +97,7 @@ class _LazyGroup(click.Group):
 @click.version_option(package_name="anomaly-core", prog_name="anomaly")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Log only errors.")
-@click.option(
-    "--traceback", is_flag=True, default=False, help="Show the traceback of errors."
-)
+@click.option("--traceback", is_flag=True, default=False, help="Show the traceback of errors.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool, traceback: bool) -> None:
     """Detect and localize visual anomalies: train, test, export and predict.
@@ -140,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             err_console.print_exception()
         err_console.print(f"[bold red]{type(exc).__name__}:[/bold red] {exc}", highlight=False)
         return ExitCode.ERROR
-    except Exception:  # noqa: BLE001 - last resort: anything else is a bug to report
+    except Exception:
         err_console.print_exception()
         err_console.print(
             "[bold red]This is a bug in anomaly or one of its plugins; please report it "

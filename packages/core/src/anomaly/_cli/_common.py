@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from anomaly._cli._console import console, err_console
+from anomaly._cli._console import err_console
 from anomaly._config import (
     RunConfig,
     apply_overrides,
@@ -64,12 +64,21 @@ its key path: --model NAME --model.KEY VALUE --data NAME --data.KEY VALUE
 def config_options(func: F) -> F:
     """Add ``--config`` (repeatable) and ``--json`` to a pipeline command."""
     func = click.option(
-        "--json", "as_json", is_flag=True, default=False, show_default=True,
+        "--json",
+        "as_json",
+        is_flag=True,
+        default=False,
+        show_default=True,
         help="Print the results as JSON on stdout.",
     )(func)
     return click.option(
-        "--config", "-c", "configs", multiple=True, type=click.Path(dir_okay=False),
-        help="YAML run config; repeat to merge (later wins).", show_default=True,
+        "--config",
+        "-c",
+        "configs",
+        multiple=True,
+        type=click.Path(dir_okay=False),
+        help="YAML run config; repeat to merge (later wins).",
+        show_default=True,
     )(func)
 
 
@@ -80,7 +89,9 @@ def load_run_config(configs: Sequence[str], extra: Sequence[str]) -> RunConfig:
     return resolve_config(data)
 
 
-def build_component(pm: PluginManager, section: str, name: str, arguments: Mapping[str, Any]) -> Any:
+def build_component(
+    pm: PluginManager, section: str, name: str, arguments: Mapping[str, Any]
+) -> Any:
     """Build a model or datamodule by registry name after checking its arguments."""
     spec = pm.model(name) if section == "model" else pm.datamodule(name)
     target = spec.load()
@@ -129,9 +140,19 @@ def splits_table(summaries: Sequence[SplitSummary]) -> Table:
     """Render how many images each split got, and from where."""
     table = Table(title="Data splits", title_justify="left")
     for column in ("split", "images", "normal", "abnormal", "masks", "from"):
-        table.add_column(column, justify="right" if column in {"images", "normal", "abnormal", "masks"} else "left")
+        table.add_column(
+            column,
+            justify="right" if column in {"images", "normal", "abnormal", "masks"} else "left",
+        )
     for item in summaries:
-        table.add_row(item.split, str(item.images), str(item.normal), str(item.abnormal), str(item.masks), item.source)
+        table.add_row(
+            item.split,
+            str(item.images),
+            str(item.normal),
+            str(item.abnormal),
+            str(item.masks),
+            item.source,
+        )
     return table
 
 
@@ -163,7 +184,14 @@ def write_predictions(path: Path, rows: Sequence[ImagePrediction]) -> None:
         writer = csv.writer(handle)
         writer.writerow(["image_path", "pred_score", "pred_label", "gt_label"])
         for row in rows:
-            writer.writerow([row.image_path, f"{row.pred_score:.6f}", row.pred_label, "" if row.gt_label is None else row.gt_label])
+            writer.writerow(
+                [
+                    row.image_path,
+                    f"{row.pred_score:.6f}",
+                    row.pred_label,
+                    "" if row.gt_label is None else row.gt_label,
+                ]
+            )
 
 
 def write_json(path: Path, data: object) -> None:
@@ -211,7 +239,9 @@ class ResultsFolder:
             shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def prepare(config: RunConfig, pm: PluginManager, *, need_data: bool = True) -> tuple[AnomalyModule | None, AnomalyDataModule | None]:
+def prepare(
+    config: RunConfig, pm: PluginManager, *, need_data: bool = True
+) -> tuple[AnomalyModule | None, AnomalyDataModule | None]:
     """Check names and build model and datamodule, validating data, before any work."""
     set_seed(config.seed)
     for name in config.metrics:
@@ -237,7 +267,9 @@ def prepare(config: RunConfig, pm: PluginManager, *, need_data: bool = True) -> 
     return model, datamodule
 
 
-def make_engine(config: RunConfig, pm: PluginManager, progress: Callable[[str, int, int | None], None] | None) -> Engine:
+def make_engine(
+    config: RunConfig, pm: PluginManager, progress: Callable[[str, int, int | None], None] | None
+) -> Engine:
     """Build the Engine with the config's trainer arguments."""
     from anomaly._engine import Engine
 

@@ -16,9 +16,9 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def setup_logging(*, verbose: int = 0, quiet: bool = False) -> None:
     """Route the ``anomaly`` logger and captured warnings to stderr through rich."""
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
-        min(verbose, 2)
-    ]
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
     handler = RichHandler(console=err_console, show_time=False, show_path=verbose > 1)
     for name in ("anomaly", "py.warnings"):
         logger = logging.getLogger(name)
@@ -26,7 +26,9 @@ def setup_logging(*, verbose: int = 0, quiet: bool = False) -> None:
         logger.setLevel(level)
         logger.propagate = False
     # Lightning's start-up banners (accelerator found, tips) are noise on the command line.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    logging.getLogger("lightning.pytorch").setLevel(
+        logging.WARNING if verbose < 2 else logging.INFO
+    )
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING if verbose < 2 else logging.INFO)
     logging.captureWarnings(True)
     warnings.simplefilter("default")

@@ -48,7 +48,8 @@ def run(ctx: click.Context, configs: tuple[str, ...], as_json: bool) -> None:
     config = load_run_config(configs, ctx.args)
     pm = get_plugin_manager()
     model, datamodule = prepare(config, pm)
-    assert model is not None and datamodule is not None  # noqa: S101 - prepare built both
+    assert model is not None
+    assert datamodule is not None
     quiet = bool(ctx.find_root().obj.get("quiet")) if ctx.find_root().obj else False
     if not as_json:
         err_console.print(splits_table(datamodule.summaries))
@@ -82,7 +83,9 @@ def run(ctx: click.Context, configs: tuple[str, ...], as_json: bool) -> None:
         write_predictions(folder / "predictions.csv", result.predictions)
     if as_json:
         report["results_dir"] = str(results.final)
-        report["exports"] = {fmt: str(results.relocate(Path(path))) for fmt, path in exports.items()}
+        report["exports"] = {
+            fmt: str(results.relocate(Path(path))) for fmt, path in exports.items()
+        }
         console.print_json(json.dumps(report))
         return
     console.print(metrics_table(result))

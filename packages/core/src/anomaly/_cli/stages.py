@@ -37,11 +37,14 @@ def _quiet(ctx: click.Context) -> bool:
     return bool(obj.get("quiet")) if obj else False
 
 
-def _fit_and_maybe_test(ctx: click.Context, configs: tuple[str, ...], as_json: bool, *, test: bool) -> None:
+def _fit_and_maybe_test(
+    ctx: click.Context, configs: tuple[str, ...], as_json: bool, *, test: bool
+) -> None:
     config = load_run_config(configs, ctx.args)
     pm = get_plugin_manager()
     model, datamodule = prepare(config, pm)
-    assert model is not None and datamodule is not None  # noqa: S101 - prepare built both
+    assert model is not None
+    assert datamodule is not None
     if not as_json:
         err_console.print(splits_table(datamodule.summaries))
     results = ResultsFolder(config.results_dir, config.model.name, *data_label(config))
@@ -54,7 +57,10 @@ def _fit_and_maybe_test(ctx: click.Context, configs: tuple[str, ...], as_json: b
             result = None
             if test:
                 result = engine.test(
-                    model, datamodule, metrics=config.metrics, visualizer=config.visualizer,
+                    model,
+                    datamodule,
+                    metrics=config.metrics,
+                    visualizer=config.visualizer,
                     output_dir=folder / "images",
                 )
         report: dict[str, object] = {
@@ -144,10 +150,18 @@ def test(ctx: click.Context, ckpt: str, configs: tuple[str, ...], as_json: bool)
         with progress_bar(not _quiet(ctx) and not as_json) as progress:
             engine.progress = progress
             result = engine.test(
-                model, datamodule, metrics=config.metrics, visualizer=config.visualizer,
+                model,
+                datamodule,
+                metrics=config.metrics,
+                visualizer=config.visualizer,
                 output_dir=folder / "images",
             )
-        report = {"model": model_name, "data": config.data.name, "checkpoint": str(ckpt), **metrics_json(result)}
+        report = {
+            "model": model_name,
+            "data": config.data.name,
+            "checkpoint": str(ckpt),
+            **metrics_json(result),
+        }
         write_json(folder / "metrics.json", report)
         write_predictions(folder / "predictions.csv", result.predictions)
     if as_json:
@@ -158,15 +172,54 @@ def test(ctx: click.Context, ckpt: str, configs: tuple[str, ...], as_json: bool)
     console.print(f"Results: [bold]{results.final}[/bold]")
 
 
-@click.command(context_settings={**CONTEXT_SETTINGS, "ignore_unknown_options": False, "allow_extra_args": False})
+@click.command(
+    context_settings={
+        **CONTEXT_SETTINGS,
+        "ignore_unknown_options": False,
+        "allow_extra_args": False,
+    }
+)
 @click.option("--ckpt", required=True, type=click.Path(), help=CKPT_HELP)
-@click.option("--output", "-o", type=click.Path(file_okay=False), default="results/predictions", show_default=True, help="Folder for predictions and images (a new subfolder per call).")
-@click.option("--visualizer", default="image", show_default=True, help="Visualizer name, or 'none' for no images.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024), help="Images per batch.")
-@click.option("--json", "as_json", is_flag=True, default=False, show_default=True, help="Print the predictions as JSON on stdout.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default="results/predictions",
+    show_default=True,
+    help="Folder for predictions and images (a new subfolder per call).",
+)
+@click.option(
+    "--visualizer",
+    default="image",
+    show_default=True,
+    help="Visualizer name, or 'none' for no images.",
+)
+@click.option(
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="Images per batch.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Print the predictions as JSON on stdout.",
+)
 @click.argument("source", type=click.Path())
 @click.pass_context
-def predict(ctx: click.Context, ckpt: str, output: str, visualizer: str, batch_size: int, as_json: bool, source: str) -> None:
+def predict(
+    ctx: click.Context,
+    ckpt: str,
+    output: str,
+    visualizer: str,
+    batch_size: int,
+    as_json: bool,
+    source: str,
+) -> None:
     """Predict scores, labels and heat maps for images.
 
     SOURCE is an image file or a folder (searched recursively). Writes predictions.csv,
@@ -190,11 +243,19 @@ def predict(ctx: click.Context, ckpt: str, output: str, visualizer: str, batch_s
         with progress_bar(not _quiet(ctx) and not as_json) as progress:
             engine.progress = progress
             result = engine.predict(
-                model, source, visualizer=chosen, output_dir=folder / "images",
-                batch_size=batch_size, keep_batches=False,
+                model,
+                source,
+                visualizer=chosen,
+                output_dir=folder / "images",
+                batch_size=batch_size,
+                keep_batches=False,
             )
         rows = [
-            {"image_path": row.image_path, "pred_score": row.pred_score, "pred_label": row.pred_label}
+            {
+                "image_path": row.image_path,
+                "pred_score": row.pred_score,
+                "pred_label": row.pred_label,
+            }
             for row in result.predictions
         ]
         write_predictions(folder / "predictions.csv", result.predictions)
@@ -207,10 +268,29 @@ def predict(ctx: click.Context, ckpt: str, output: str, visualizer: str, batch_s
     console.print(f"Results: [bold]{results.final}[/bold]")
 
 
-@click.command(context_settings={**CONTEXT_SETTINGS, "ignore_unknown_options": False, "allow_extra_args": False})
+@click.command(
+    context_settings={
+        **CONTEXT_SETTINGS,
+        "ignore_unknown_options": False,
+        "allow_extra_args": False,
+    }
+)
 @click.option("--ckpt", required=True, type=click.Path(), help=CKPT_HELP)
-@click.option("--format", "fmt", default="torch", show_default=True, help="Export format (see 'anomaly plugins').")
-@click.option("--output", "-o", type=click.Path(file_okay=False), default="results/export", show_default=True, help="Folder to write the export into.")
+@click.option(
+    "--format",
+    "fmt",
+    default="torch",
+    show_default=True,
+    help="Export format (see 'anomaly plugins').",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default="results/export",
+    show_default=True,
+    help="Folder to write the export into.",
+)
 def export(ckpt: str, fmt: str, output: str) -> None:
     """Export a fitted model for deployment.
 

@@ -18,7 +18,7 @@ import numpy.typing as npt
 __all__ = ["auroc", "f1_max", "overlap_area"]
 
 # Positives are searched in slices of this size so the int64 index arrays stay small.
-_CHUNK = 1 << 22
+_CHUNK = 1 << 20
 
 
 def auroc(negatives: npt.NDArray[np.floating], positives: npt.NDArray[np.floating]) -> float:
@@ -98,14 +98,18 @@ def overlap_area(
     # nothing, so only the top ceil(limit * N) negatives can start a contributing segment.
     top = min(count, math.ceil(fpr_limit * count) + 1)
     values = np.unique(negatives[count - top :])
-    x_start = (count - np.searchsorted(negatives, values, side="right")) / count
-    x_end = (count - np.searchsorted(negatives, values, side="left")) / count
-    y_start = total - cumulative[np.searchsorted(positives_sorted, values, side="right")]
-    y_end = total - cumulative[np.searchsorted(positives_sorted, values, side="left")]
-    keep = x_start < fpr_limit
-    x_start, x_end, y_start, y_end = x_start[keep], x_end[keep], y_start[keep], y_end[keep]
-    # The segment that crosses the limit is cut there, its y interpolated linearly.
-    x_cut = np.minimum(x_end, fpr_limit)
-    y_cut = y_start + (y_end - y_start) * (x_cut - x_start) / (x_end - x_start)
-    area = float(np.sum((x_cut - x_start) * (y_start + y_cut) / 2.0, dtype=np.float64))
+    area = 0.0
+    # Chunks keep the per-value float64 arrays small on tens of millions of pixels.
+    for start in range(0, values.size, _CHUNK):
+        chunk = values[start : start + _CHUNK]
+        x_start = (count - np.searchsorted(negatives, chunk, side="right")) / count
+        x_end = (count - np.searchsorted(negatives, chunk, side="left")) / count
+        y_start = total - cumulative[np.searchsorted(positives_sorted, chunk, side="right")]
+        y_end = total - cumulative[np.searchsorted(positives_sorted, chunk, side="left")]
+        keep = x_start < fpr_limit
+        x_start, x_end, y_start, y_end = x_start[keep], x_end[keep], y_start[keep], y_end[keep]
+        # The segment that crosses the limit is cut there, its y interpolated linearly.
+        x_cut = np.minimum(x_end, fpr_limit)
+        y_cut = y_start + (y_end - y_start) * (x_cut - x_start) / (x_end - x_start)
+        area += float(np.sum((x_cut - x_start) * (y_start + y_cut) / 2.0, dtype=np.float64))
     return area / fpr_limit

@@ -161,7 +161,8 @@ class PostProcessor(nn.Module):
 
     def _normal_pixels(self, labels: torch.Tensor) -> torch.Tensor:
         per_image = [
-            maps for maps, batch_labels in zip(self._maps, self._labels, strict=True)
+            maps
+            for maps, batch_labels in zip(self._maps, self._labels, strict=True)
             for maps in maps.reshape(batch_labels.numel(), -1)[batch_labels == 0]
         ]
         return torch.cat(per_image) if per_image else torch.cat(self._maps)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from anomaly import AnomalyDataModule, ConfigError, DataError, SplitSummary
 from anomaly.io import IMAGE_EXTENSIONS, read_image, read_mask
-
 from anomaly_data.datasets import AnomalyImageDataset, Sample
 
 __all__ = ["FolderLayout", "ImageFolderDataModule", "ValSplitMode"]
@@ -301,10 +301,11 @@ def _collect(layout: FolderLayout) -> tuple[list[Sample], list[Sample], list[Sam
     normal = scan(layout.normal_dir, 0)
     normal_test = scan(layout.normal_test_dir, 0) if layout.normal_test_dir is not None else []
     abnormal: list[Sample] = []
+    owners: dict[Path, Path] = {}
     for folder in layout.abnormal_dirs:
         samples = scan(folder, 1)
         if layout.mask_dir is not None:
-            samples = _attach_masks(samples, folder, layout.mask_dir, layout.root)
+            samples = _attach_masks(samples, folder, layout.mask_dir, layout.root, owners)
         abnormal.extend(samples)
     return normal, normal_test, abnormal
 
@@ -331,17 +332,21 @@ class _MaskIndex:
 
 
 def _attach_masks(
-    samples: list[Sample], abnormal_dir: Path, mask_dir: Path, root: Path
+    samples: list[Sample],
+    abnormal_dir: Path,
+    mask_dir: Path,
+    root: Path,
+    owners: dict[Path, Path],
 ) -> list[Sample]:
     """Pair each image with ``<stem>.png`` or ``<stem>_mask.<ext>`` under ``mask_dir``.
 
     Masks are looked for in a subfolder mirroring the image's folder first (its path relative
-    to the root, then its name alone), then in ``mask_dir`` itself.
+    to the root, then its name alone), then in ``mask_dir`` itself. ``owners`` maps each mask
+    already claimed to its image, across folders, so one mask never serves two images.
     """
     index = _MaskIndex(mask_dir)
     matched: list[Sample] = []
     missing: list[Path] = []
-    owners: dict[Path, Path] = {}
     try:
         mirrored = [abnormal_dir.resolve().relative_to(root.resolve())]
     except ValueError:
@@ -367,20 +372,19 @@ def _attach_masks(
             continue
         if (other := owners.setdefault(mask, sample.image_path)) != sample.image_path:
             msg = (
-                f"mask {str(mask)!r} matches both {str(other)!r} and "
-                f"{str(sample.image_path)!r}; put masks in subfolders named like the image "
-                "folders"
+                f"mask {_relative(root, mask)!r} matches both {_relative(root, other)!r} and "
+                f"{_relative(root, sample.image_path)!r}; put masks in subfolders named like "
+                "the image folders"
             )
             raise DataError(msg)
         matched.append(
-            Sample(
-                image_path=sample.image_path, label=1, mask_path=mask, source=sample.source
-            )
+            Sample(image_path=sample.image_path, label=1, mask_path=mask, source=sample.source)
         )
     if missing:
         msg = (
             f"{len(missing)} of {len(samples)} anomalous images in {str(abnormal_dir)!r} have "
-            f"no mask in {str(mask_dir)!r} (first: {str(missing[0])!r}, expected "
+            f"no mask in {_relative(root, mask_dir)!r} (first: "
+            f"{_relative(abnormal_dir, missing[0])!r}, expected "
             f"'{missing[0].stem}.png' or '{missing[0].stem}_mask.png'); add the masks or drop "
             "data.mask_dir"
         )
@@ -392,7 +396,7 @@ def _check_files(root: Path, samples: Sequence[Sample]) -> None:
     """Open every image and mask once; compare mask and image sizes."""
     start = time.perf_counter()
     unreadable: list[tuple[Path, DataError]] = []
-    mismatched: list[tuple[Sample, tuple[int, int], tuple[int, int]]] = []
+    mismatched: list[tuple[Path, Path, tuple[int, int], tuple[int, int]]] = []
     files = 0
     for sample in samples:
         files += 1
@@ -410,22 +414,26 @@ def _check_files(root: Path, samples: Sequence[Sample]) -> None:
             unreadable.append((sample.mask_path, err))
             continue
         if (mask_height, mask_width) != (height, width):
-            mismatched.append((sample, (width, height), (mask_width, mask_height)))
+            mismatched.append(
+                (sample.image_path, sample.mask_path, (width, height), (mask_width, mask_height))
+            )
     if unreadable:
-        path, err = unreadable[0]
-        cause = err.__cause__ or err
+        first, error = unreadable[0]
+        cause = error.__cause__ or error
+        # Pillow's messages often repeat the full path; keep the line short.
+        reason = type(cause).__name__ if str(first) in str(cause) else str(cause)
         msg = (
             f"{len(unreadable)} of {files} image and mask files under {str(root)!r} cannot be "
-            f"read (first: {str(path)!r}: {cause}); re-save or remove them"
+            f"read (first: {_relative(root, first)!r}: {reason}); re-save or remove them"
         )
         raise DataError(msg)
     if mismatched:
-        sample, image_size, mask_size = mismatched[0]
+        image_path, mask_path, image_size, mask_size = mismatched[0]
         msg = (
-            f"{len(mismatched)} masks differ in size from their images (first: mask "
-            f"{str(sample.mask_path)!r} is {mask_size[0]}x{mask_size[1]} but image "
-            f"{str(sample.image_path)!r} is {image_size[0]}x{image_size[1]}, width x height); "
-            "resize the masks to their images"
+            f"{len(mismatched)} masks under {str(root)!r} differ in size from their images "
+            f"(first: mask {_relative(root, mask_path)!r} is "
+            f"{mask_size[0]}x{mask_size[1]} but image {_relative(root, image_path)!r} is "
+            f"{image_size[0]}x{image_size[1]}, width x height); resize the masks to their images"
         )
         raise DataError(msg)
     logger.debug("Opened %d files in %.1f s", files, time.perf_counter() - start)
@@ -461,8 +469,18 @@ def _take_stratified(
         group_taken, group_rest = _take(groups[source], ratio, rng)
         taken.extend(group_taken)
         rest.extend(group_rest)
+    if not taken:
+        # Every folder holds a single image: stratifying is impossible, split them as a whole.
+        return _take(samples, ratio, rng)
     order = {id(s): i for i, s in enumerate(samples)}
     return sorted(taken, key=lambda s: order[id(s)]), sorted(rest, key=lambda s: order[id(s)])
+
+
+def _relative(root: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _describe_dir(root: Path, folder: Path) -> str:

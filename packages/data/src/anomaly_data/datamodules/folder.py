@@ -96,8 +96,7 @@ class Folder(ImageFolderDataModule):
             abnormal = [_path("abnormal_dirs", d) for d in abnormal_dirs]
         else:
             msg = (
-                f"data.abnormal_dirs must be a folder name or a list of them, "
-                f"got {abnormal_dirs!r}"
+                f"data.abnormal_dirs must be a folder name or a list of them, got {abnormal_dirs!r}"
             )
             raise ConfigError(msg)
         self.abnormal_dirs = abnormal

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from anomaly.io import read_image, read_mask
 from torch.utils.data import Dataset
 
+from anomaly.io import read_image, read_mask
 from anomaly_data.transforms import image_to_tensor, mask_to_tensor, resize_image, resize_mask
 
 __all__ = ["AnomalyImageDataset", "Sample"]

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from anomaly import ConfigError, DataError
 from PIL import Image, ImageDraw
 from scipy import ndimage
+
+from anomaly import ConfigError, DataError
 
 __all__ = [
     "DEMO_CATEGORIES",
@@ -80,7 +81,10 @@ _STAIN_COLOURS = (
 
 
 def cache_dir() -> Path:
-    """Return the cache folder: ``$ANOMALY_CACHE_DIR``, ``$XDG_CACHE_HOME/anomaly`` or ``~/.cache/anomaly``."""
+    """Return the cache folder.
+
+    ``$ANOMALY_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/anomaly``, else ``~/.cache/anomaly``.
+    """
     if explicit := os.environ.get("ANOMALY_CACHE_DIR"):
         return Path(explicit).expanduser()
     if xdg := os.environ.get("XDG_CACHE_HOME"):
@@ -139,9 +143,7 @@ def ensure_demo_dataset(category: str = "brick", cache_root: Path | None = None)
 
 def _check_category(category: str) -> None:
     if category not in DEMO_CATEGORIES:
-        msg = (
-            f"unknown demo category {category!r}; choose one of {', '.join(DEMO_CATEGORIES)}"
-        )
+        msg = f"unknown demo category {category!r}; choose one of {', '.join(DEMO_CATEGORIES)}"
         raise ConfigError(msg)
 
 
@@ -183,16 +185,16 @@ def generate_demo_category(category: str, destination: Path) -> None:
 
 def _photograph(category: str) -> Array:
     # Imported here: scikit-image is slow to import and only needed while generating.
-    from skimage import data  # noqa: PLC0415
+    from skimage import data
 
     loader: Callable[[], Array] = getattr(data, category)
     return np.asarray(loader(), dtype=np.float32) / 255.0
 
 
 def _resize(piece: Array, size: int) -> Array:
-    from skimage.transform import resize  # noqa: PLC0415  # see _photograph
+    from skimage.transform import resize  # see _photograph
 
-    resized: Array = resize(piece, (size, size, 3), order=1, anti_aliasing=True)
+    resized: Array = resize(piece, (size, size, 3), order=1, anti_aliasing=True)  # type: ignore[no-untyped-call]  # scikit-image ships no annotations here
     return resized.astype(np.float32)
 
 
@@ -200,7 +202,8 @@ def _colourize(gray: Array, spec: _Texture) -> Array:
     """Map a grayscale photograph (H, W) in [0, 1] onto a dark-to-light colour ramp (H, W, 3)."""
     dark = np.asarray(spec.dark, dtype=np.float32)
     light = np.asarray(spec.light, dtype=np.float32)
-    return (dark + gray[..., None] * (light - dark)).astype(np.float32)
+    ramp: Array = (dark + gray[..., None] * (light - dark)).astype(np.float32)
+    return ramp
 
 
 def _crop(texture: Array, spec: _Texture, rng: np.random.Generator) -> Array:
@@ -251,7 +254,8 @@ def _scratch(image: Array, texture: Array, rng: np.random.Generator) -> Array:
     luminance = float(image.mean())
     tone = 0.72 if luminance < 0.45 else 0.02
     _blend(image, np.clip(image * 0.3 + tone, 0.0, 1.0), alpha)
-    return alpha > 0.2
+    mask: Array = alpha > 0.2
+    return mask
 
 
 def _blob(rng: np.random.Generator, radius: tuple[float, float]) -> Array:
@@ -264,7 +268,7 @@ def _blob(rng: np.random.Generator, radius: tuple[float, float]) -> Array:
         cy, cx = centre + offset
         r = rng.uniform(*radius)
         shape = np.maximum(shape, (((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r).astype(np.float32))
-    soft = ndimage.gaussian_filter(shape, 4.0)
+    soft: Array = ndimage.gaussian_filter(shape, 4.0)
     return soft / max(float(soft.max()), 1e-6)
 
 

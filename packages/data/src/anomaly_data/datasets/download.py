@@ -102,7 +102,9 @@ MVTEC_AD_CATEGORIES = (
 
 
 def _urlopen(url: str) -> IO[bytes]:
-    return cast("IO[bytes]", urllib.request.urlopen(url, timeout=60))  # noqa: S310  # URL comes from the user's config or the table above
+    return cast(
+        "IO[bytes]", urllib.request.urlopen(url, timeout=60)
+    )  # URL comes from the user's config or the table above
 
 
 def sha256_of(path: Path) -> str:
@@ -249,7 +251,7 @@ def _extract_tar(archive: Path, staging: Path) -> None:
             # drops unsafe permission bits.
             tar.extractall(staging, members=members, filter="data")
         else:  # pragma: no cover - old 3.11 patch releases
-            tar.extractall(staging, members=members)  # noqa: S202  # members checked above
+            tar.extractall(staging, members=members)  # members checked above
 
 
 def _extract_zip(archive: Path, staging: Path) -> None:
