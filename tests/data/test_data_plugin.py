@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 import anomaly
 from anomaly.testing import SYNTHETIC_DEFECTS, make_synthetic_mvtec
-from anomaly_data.transforms import resize_image, resize_mask
+from anomaly.io import image_to_tensor, mask_to_tensor
 
 
 def test_plugin_registers_the_datamodules() -> None:
@@ -82,17 +83,17 @@ def test_synthetic_mvtec_fixture(synthetic_mvtec: Path) -> None:
 
 
 def test_resize_keeps_ranges_and_types() -> None:
-    image = torch.zeros(3, 100, 80)
-    image[:, ::2] = 1.0
-    resized = resize_image(image, (50, 40))
+    image = np.zeros((100, 80, 3), dtype=np.uint8)
+    image[::2] = 255
+    resized = image_to_tensor(image, (50, 40))
     assert resized.shape == (3, 50, 40)
+    assert resized.dtype == torch.float32
     # Antialiasing averages the one-pixel stripes instead of picking every other row
     # (the border rows see a clipped kernel).
     inner = resized[:, 1:-1]
     assert torch.allclose(inner, torch.full_like(inner, 0.5), atol=0.01)
-    mask = torch.zeros(100, 80, dtype=torch.bool)
+    mask = np.zeros((100, 80), dtype=bool)
     mask[10:30, 20:40] = True
-    small = resize_mask(mask, (50, 40))
+    small = mask_to_tensor(mask, (50, 40))
     assert small.dtype == torch.bool
     assert int(small.sum()) == 10 * 10
-    assert resize_mask(mask, (100, 80)) is mask

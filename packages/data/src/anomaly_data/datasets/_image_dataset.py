@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from anomaly.io import read_image, read_mask
-from anomaly_data.transforms import image_to_tensor, mask_to_tensor, resize_image, resize_mask
+from anomaly.io import image_to_tensor, mask_to_tensor, read_image, read_mask
 
 __all__ = ["AnomalyImageDataset", "Sample"]
 
@@ -57,10 +56,10 @@ class AnomalyImageDataset(Dataset[dict[str, object]]):
 
     def __getitem__(self, index: int) -> dict[str, object]:
         sample = self.samples[index]
-        image = resize_image(image_to_tensor(read_image(sample.image_path)), self.image_size)
+        image = image_to_tensor(read_image(sample.image_path), self.image_size)
         mask: torch.Tensor | None = None
         if sample.mask_path is not None:
-            mask = resize_mask(mask_to_tensor(read_mask(sample.mask_path)), self.image_size)
+            mask = mask_to_tensor(read_mask(sample.mask_path), self.image_size)
         elif self.has_masks:
             mask = torch.zeros(self.image_size, dtype=torch.bool)
         return {
