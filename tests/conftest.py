@@ -21,3 +21,26 @@ def _fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     anomaly.reset_plugin_manager()
     yield
     anomaly.reset_plugin_manager()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Undo the CLI's logging set-up (handlers, levels, captured warnings) after each test."""
+    import logging
+
+    names = ("anomaly", "py.warnings", "lightning.pytorch", "lightning.fabric")
+    saved = {
+        name: (
+            logging.getLogger(name).handlers[:],
+            logging.getLogger(name).level,
+            logging.getLogger(name).propagate,
+        )
+        for name in names
+    }
+    yield
+    logging.captureWarnings(False)
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate

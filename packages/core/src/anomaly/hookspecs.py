@@ -48,7 +48,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def anomaly_register_models() -> Sequence[ModelSpec]:
     """Return the models this plugin provides.
 
-    Called once per plugin manager, on the first lookup of a model or listing of models.
+    Called once per plugin when the plugin manager first loads plugins (on the first
+    lookup or listing of any component).
     Each spec's target names an ``anomaly.AnomalyModule`` subclass.
     """
     raise NotImplementedError
@@ -58,7 +59,8 @@ def anomaly_register_models() -> Sequence[ModelSpec]:
 def anomaly_register_datamodules() -> Sequence[DataModuleSpec]:
     """Return the datamodules this plugin provides.
 
-    Called once per plugin manager, on the first lookup of a datamodule. Each spec's target
+    Called once per plugin when the plugin manager first loads plugins (on the first
+    lookup or listing of any component). Each spec's target
     names an ``anomaly.AnomalyDataModule`` subclass.
     """
     raise NotImplementedError
@@ -68,7 +70,8 @@ def anomaly_register_datamodules() -> Sequence[DataModuleSpec]:
 def anomaly_register_backbones() -> Sequence[BackboneSpec]:
     """Return offline weight providers for timm backbones.
 
-    Called once per plugin manager, when a backbone's pretrained weights are first looked up.
+    Called once per plugin when the plugin manager first loads plugins (on the first
+    lookup or listing of any component).
     Each spec's name is a timm model name and its target a callable that takes no arguments
     and returns a local weight file path or a state dict for that model.
     """
@@ -82,7 +85,8 @@ def anomaly_register_backbones() -> Sequence[BackboneSpec]:
 def anomaly_register_metrics() -> Sequence[MetricSpec]:
     """Return the metrics this plugin provides.
 
-    Called once per plugin manager, on the first lookup of a metric. Each spec's target names
+    Called once per plugin when the plugin manager first loads plugins (on the first
+    lookup or listing of any component). Each spec's target names
     an ``anomaly.metrics.AnomalyMetric`` subclass.
     """
     raise NotImplementedError
@@ -92,7 +96,8 @@ def anomaly_register_metrics() -> Sequence[MetricSpec]:
 def anomaly_register_visualizers() -> Sequence[VisualizerSpec]:
     """Return the visualizers this plugin provides.
 
-    Called once per plugin manager, on the first lookup of a visualizer. Each spec's target
+    Called once per plugin when the plugin manager first loads plugins (on the first
+    lookup or listing of any component). Each spec's target
     names an ``anomaly.visualizers.Visualizer`` subclass.
     """
     raise NotImplementedError
@@ -105,7 +110,8 @@ def anomaly_register_visualizers() -> Sequence[VisualizerSpec]:
 def anomaly_register_exporters() -> Sequence[ExporterSpec]:
     """Return the exporters this plugin provides.
 
-    Called once per plugin manager, on the first lookup of an export format. Each spec's
+    Called once per plugin when the plugin manager first loads plugins (on the first
+    lookup or listing of any component). Each spec's
     target is a callable ``(module, directory, **options) -> pathlib.Path``.
     """
     raise NotImplementedError
@@ -115,7 +121,8 @@ def anomaly_register_exporters() -> Sequence[ExporterSpec]:
 def anomaly_register_inferencers() -> Sequence[InferencerSpec]:
     """Return the inferencers this plugin provides.
 
-    Called once per plugin manager, on the first lookup of an inferencer. Each spec's target
+    Called once per plugin when the plugin manager first loads plugins (on the first
+    lookup or listing of any component). Each spec's target
     names a class whose constructor takes the path of an export folder.
     """
     raise NotImplementedError
@@ -128,7 +135,8 @@ def anomaly_register_inferencers() -> Sequence[InferencerSpec]:
 def anomaly_register_commands() -> Sequence[CommandSpec]:
     """Return extra ``anomaly`` CLI commands.
 
-    Called once when the CLI starts. Each spec's target names a ``click.Command``; a name that
+    Called once per plugin when the plugin manager first loads plugins (the CLI lists
+    commands at start). Each spec's target names a ``click.Command``; a name that
     clashes with a built-in command is skipped with a warning.
     """
     raise NotImplementedError

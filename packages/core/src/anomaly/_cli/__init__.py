@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import click
 
 from anomaly._cli._console import err_console, setup_logging
-from anomaly._errors import AnomalyError
+from anomaly._errors import AnomalyError, PluginLoadWarning
 
 __all__ = ["ExitCode", "cli", "main"]
 
@@ -74,16 +74,25 @@ class _LazyGroup(click.Group):
                     f"plugin command {spec.name!r} from {spec.provider!r} clashes with a "
                     f"built-in command and was skipped; rename it in that plugin"
                 )
-                warnings.warn(message, UserWarning, stacklevel=2)
+                warnings.warn(message, PluginLoadWarning, stacklevel=2)
                 continue
             found[spec.name] = spec.target
         return found
 
+    def _safe_plugin_commands(self) -> dict[str, str]:
+        # A broken plugin must not break help or the built-in commands: the failure shows
+        # in 'anomaly plugins' and when the plugin's own components are used.
+        try:
+            return self._plugin_commands()
+        except AnomalyError as err:
+            logging.getLogger("anomaly").warning("plugin commands unavailable: %s", err)
+            return {}
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [*_BUILTIN_COMMANDS, *sorted(self._plugin_commands())]
+        return [*_BUILTIN_COMMANDS, *sorted(self._safe_plugin_commands())]
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = _BUILTIN_COMMANDS.get(cmd_name) or self._plugin_commands().get(cmd_name)
+        target = _BUILTIN_COMMANDS.get(cmd_name) or self._safe_plugin_commands().get(cmd_name)
         if target is None:
             return None
         return _load_command(target)
