@@ -54,7 +54,7 @@ class Batch:
             for item in dataclasses.fields(self)
             if isinstance(value := getattr(self, item.name), torch.Tensor)
         }
-        return dataclasses.replace(self, **changes)
+        return self.replace(**changes)
 
     def detach_cpu(self) -> Batch:
         """Return a copy with every tensor detached and on the CPU."""
@@ -63,7 +63,7 @@ class Batch:
             for item in dataclasses.fields(self)
             if isinstance(value := getattr(self, item.name), torch.Tensor)
         }
-        return dataclasses.replace(self, **changes)
+        return self.replace(**changes)
 
 
 def collate(items: Sequence[Mapping[str, object]]) -> Batch:

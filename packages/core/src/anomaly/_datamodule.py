@@ -81,6 +81,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.test_data: Dataset[Any] | None = None
         self.summaries: list[SplitSummary] = []
 
+    def setup(self, stage: str | None = None) -> None:
+        """Validate every input and build the splits; idempotent. Subclasses override."""
+
     def _loader(self, data: Dataset[Any] | None, split: str, batch_size: int) -> DataLoader[Any]:
         if data is None:
             msg = f"the datamodule has no {split} split; call setup() first or check its options"

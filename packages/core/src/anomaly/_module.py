@@ -68,7 +68,8 @@ class AnomalyModule(pl.LightningModule):
 
     def predict_batch(self, batch: Batch) -> Batch:
         """Return ``batch`` with normalized predictions, labels and masks."""
-        return self.post_processor(self.score_batch(batch))
+        processed: Batch = self.post_processor(self.score_batch(batch))
+        return processed
 
     def on_train_epoch_start(self) -> None:
         """Mark that ``fit_end`` must run before the next evaluation."""
@@ -91,7 +92,7 @@ class AnomalyModule(pl.LightningModule):
         """Start collecting validation predictions afresh."""
         self.post_processor.reset()
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> Batch:
+    def validation_step(self, batch: Batch, batch_idx: int) -> Batch:  # type: ignore[override]  # typed batch
         """Score a validation batch and feed the post-processor."""
         scored = self.score_batch(batch)
         self.post_processor.update(scored)
@@ -104,7 +105,7 @@ class AnomalyModule(pl.LightningModule):
             return
         self.post_processor.compute()
 
-    def test_step(self, batch: Batch, batch_idx: int) -> Batch:
+    def test_step(self, batch: Batch, batch_idx: int) -> Batch:  # type: ignore[override]  # typed batch
         """Return the batch with normalized predictions."""
         return self.predict_batch(batch)
 

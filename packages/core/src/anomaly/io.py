@@ -74,8 +74,10 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in {"RGBA", "LA", "PA"} or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+        composited: np.ndarray = np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+        return composited
+    rgb: np.ndarray = np.asarray(image.convert("RGB"))
+    return rgb
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -96,8 +98,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     image = _open(Path(path))
     if image.mode in {"RGBA", "LA"}:
         image = image.convert("RGBA").getchannel("A") if image.mode == "LA" else image
-    gray = to_rgb(image).max(axis=2)
-    return gray > 127
+    mask: np.ndarray = to_rgb(image).max(axis=2) > 127
+    return mask
 
 
 def image_to_tensor(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

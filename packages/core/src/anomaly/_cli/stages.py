@@ -263,7 +263,7 @@ def predict(
     if as_json:
         console.print_json(json.dumps({"results_dir": str(results.final), "predictions": rows}))
         return
-    anomalous = sum(row["pred_label"] for row in rows)
+    anomalous = sum(row.pred_label for row in result.predictions)
     console.print(f"{len(rows)} images, {anomalous} anomalous")
     console.print(f"Results: [bold]{results.final}[/bold]")
 
