@@ -23,7 +23,9 @@ from rich.table import Table
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1")
 
 
-def run_one(args: argparse.Namespace, model_name: str, model_args: dict[str, object]) -> dict[str, object]:
+def run_one(
+    args: argparse.Namespace, model_name: str, model_args: dict[str, object]
+) -> dict[str, object]:
     """Fit and test one model in this process; return its figures."""
     import torch
 
@@ -69,7 +71,8 @@ def main() -> None:
         "--model",
         action="append",
         default=None,
-        help="model name, optionally with JSON arguments: patchcore or 'patchcore={\"coreset_ratio\": 0.01}'",
+        help="model name, optionally with JSON arguments: "
+        "patchcore or 'patchcore={\"coreset_ratio\": 0.01}'",
     )
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -105,18 +108,23 @@ def main() -> None:
 
     table = Table(
         title=f"{args.category} at {args.image_size} px "
-        f"({rows[0]['train_images']} train, {rows[0]['test_images']} test images, val {args.val_split})"
+        f"({rows[0]['train_images']} train, {rows[0]['test_images']} test images, "
+        f"val {args.val_split})"
     )
     columns = ["model", *METRICS, "fit s", "test img/s", "peak RSS MiB"]
     if len(rows) > 1:
-        columns += ["fit ×", "img/s ×", "RSS ×"]
+        columns += ["fit ratio", "img/s ratio", "RSS ratio"]
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     base = rows[0]
     for row in rows:
         label = str(row["model"]) + (f" {row['args']}" if row["args"] else "")
         cells = [label, *(f"{row[name]:.4f}" for name in METRICS)]
-        cells += [f"{row['fit_seconds']:.1f}", f"{row['test_images_per_second']:.1f}", f"{row['peak_rss_mib']:.0f}"]
+        cells += [
+            f"{row['fit_seconds']:.1f}",
+            f"{row['test_images_per_second']:.1f}",
+            f"{row['peak_rss_mib']:.0f}",
+        ]
         if len(rows) > 1:
             cells += [
                 f"{row['fit_seconds'] / base['fit_seconds']:.2f}",

@@ -129,5 +129,5 @@ def test_check_arguments_suggests_the_closest_parameter():
     def needs_root(root: str) -> None:
         return None
 
-    with pytest.raises(ConfigError, match="'data.root' is required"):
+    with pytest.raises(ConfigError, match=r"'data.root' is required"):
         check_arguments("data", needs_root, {})

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from anomaly import AnomalyDataModule, AnomalyModule, ConfigError, Engine, Model
 class MeanDistance(AnomalyModule):
     """Anomaly map: distance of each pixel from the mean training image."""
 
-    trainer_arguments = {"max_epochs": 1}
+    trainer_arguments: ClassVar[dict[str, object]] = {"max_epochs": 1}
 
     def __init__(self, smoothing: int = 1) -> None:
         super().__init__()

