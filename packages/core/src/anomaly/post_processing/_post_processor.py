@@ -32,6 +32,11 @@ def f1_optimal_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[fl
 
     Returns:
         ``(threshold, f1)``; the threshold is one of the scores.
+
+    Example:
+        >>> import torch
+        >>> f1_optimal_threshold(torch.tensor([0.125, 0.5, 0.375, 0.75]), torch.tensor([0, 0, 1, 1]))
+        (0.375, 0.8)
     """
     scores = scores.flatten().double()
     labels = labels.flatten().bool()
@@ -55,7 +60,13 @@ def f1_optimal_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[fl
 def normalize(
     values: torch.Tensor, threshold: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor
 ) -> torch.Tensor:
-    """Map raw scores to [0, 1] with ``threshold`` at 0.5 (min-max scaled, clipped)."""
+    """Map raw scores to [0, 1] with ``threshold`` at 0.5 (min-max scaled, clipped).
+
+    Example:
+        >>> import torch
+        >>> normalize(torch.tensor([0.0, 2.0, 3.0, 9.0]), *torch.tensor([2.0, 0.0, 4.0]))
+        tensor([0.0000, 0.5000, 0.7500, 1.0000])
+    """
     span = torch.clamp(maximum - minimum, min=torch.finfo(torch.float32).eps)
     return torch.clamp((values - threshold) / span + 0.5, 0.0, 1.0)
 
