@@ -275,7 +275,8 @@ def image_paths(source: str | Path) -> list[Path]:
 _LIGHTNING_NOTICES = (
     r".*overridden `transfer_batch_to_device`.*",
     r".*`training_step` returned `None`.*",
-    r".*`configure_optimizers` returned `None`.*",
+    r".*configure_optimizers` returned `None`.*",
+    r".*module\(s\) in eval mode.*",
     r".*does not have many workers.*",
     r".*GPU available but not used.*",
     r".*LitLogger.*",

@@ -122,6 +122,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, traceback: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["traceback"] = traceback
     ctx.obj["quiet"] = quiet
+    ctx.obj["verbose"] = verbose
     setup_logging(verbose=verbose, quiet=quiet)
 
 

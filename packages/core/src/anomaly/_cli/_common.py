@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from anomaly._cli._console import err_console
+from anomaly._cli._console import err_console, quiet_lightning
 from anomaly._config import (
     RunConfig,
     apply_overrides,
@@ -279,7 +279,15 @@ def make_engine(
     """Build the Engine with the config's trainer arguments."""
     from anomaly._engine import Engine
 
+    quiet_lightning(verbosity())
     return Engine(plugin_manager=pm, progress=progress, **dict(config.engine))
+
+
+def verbosity() -> int:
+    """Return the ``-v`` count of the running command (0 outside the CLI)."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return int(obj.get("verbose", 0)) if isinstance(obj, dict) else 0
 
 
 def data_label(config: RunConfig) -> list[str]:

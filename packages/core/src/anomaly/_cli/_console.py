@@ -8,10 +8,22 @@ import warnings
 from rich.console import Console
 from rich.logging import RichHandler
 
-__all__ = ["console", "err_console", "setup_logging"]
+__all__ = ["console", "err_console", "quiet_lightning", "setup_logging"]
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+def quiet_lightning(verbose: int = 0) -> None:
+    """Silence Lightning's start-up banners (accelerator found, tips) below ``-vv``.
+
+    Lightning sets its loggers up when it is first imported, so this runs after that import.
+    """
+    import lightning.pytorch  # noqa: F401 - imported for its logging set-up
+
+    level = logging.INFO if verbose >= 2 else logging.WARNING
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(level)
 
 
 def setup_logging(*, verbose: int = 0, quiet: bool = False) -> None:

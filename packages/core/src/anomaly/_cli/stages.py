@@ -20,6 +20,8 @@ from anomaly._cli._common import (
     metrics_table,
     prepare,
     progress_bar,
+    quiet_lightning,
+    verbosity,
     set_seed,
     splits_table,
     write_json,
@@ -232,6 +234,7 @@ def predict(
     pm = get_plugin_manager()
     from anomaly._engine import Engine, image_paths
 
+    quiet_lightning(verbosity())
     engine = Engine(plugin_manager=pm)
     model = engine.load_model(ckpt)
     image_paths(source)  # a missing or empty source fails before any folder is made
