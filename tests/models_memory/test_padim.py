@@ -148,3 +148,20 @@ def test_registered_and_fits_through_lightning(textures: dict[str, torch.Tensor]
     trainer.fit(model, train_dataloaders=loader)
     assert model.model.inv_covariance.shape == (256, 100, 100)
     assert model.hparams["n_features"] == 100
+
+
+def test_recentered_sums_merge_like_one_pass() -> None:
+    generator = torch.Generator().manual_seed(5)
+    data = 50.0 + torch.randn(30, 2, 3, generator=generator)
+    whole = GaussianAccumulator(2, 3)
+    whole.update(data)
+    first, second = GaussianAccumulator(2, 3), GaussianAccumulator(2, 3)
+    first.update(data[:10])
+    second.update(data[10:] + 0.0)
+    assert first.shift is not None
+    second.recenter(first.shift)  # what all_reduce does before summing across processes
+    first.sum += second.sum
+    first.outer += second.outer
+    first.count += second.count
+    for got, want in zip(first.compute(0.01), whole.compute(0.01), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

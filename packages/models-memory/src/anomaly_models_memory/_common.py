@@ -11,7 +11,14 @@ from torch import nn
 
 from anomaly import AnomalyError, ConfigError
 
-__all__ = ["GaussianBlur2d", "NotFittedError", "check_strides", "embedding_stack"]
+__all__ = [
+    "GaussianBlur2d",
+    "NotFittedError",
+    "check_levels",
+    "embedding_stack",
+    "gather_rows",
+    "world_size",
+]
 
 
 class NotFittedError(AnomalyError, RuntimeError):
@@ -55,21 +62,48 @@ class GaussianBlur2d(nn.Module):
         return out.squeeze(1)
 
 
-def check_strides(name: str, strides: Sequence[int] | None) -> list[int] | None:
-    """Return ``strides`` as a list of positive ints, or raise ConfigError naming ``name``."""
-    if strides is None:
+def check_levels(name: str, levels: Sequence[int] | None, minimum: int = 1) -> list[int] | None:
+    """Return ``levels`` as a list of ints ``>= minimum``, or raise ConfigError naming ``name``."""
+    if levels is None:
         return None
-    if isinstance(strides, str | bytes) or not isinstance(strides, Sequence):
-        msg = f"{name} must be a list of ints, got {strides!r}; e.g. [8, 16]"
+    if isinstance(levels, str | bytes) or not isinstance(levels, Sequence):
+        msg = f"{name} must be a list of ints, got {levels!r}; e.g. [8, 16]"
         raise ConfigError(msg)
-    values = list(strides)
+    values = list(levels)
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        msg = f"{name} must be a non-empty list of ints, got {strides!r}; e.g. [8, 16]"
+        msg = f"{name} must be a non-empty list of ints, got {levels!r}; e.g. [8, 16]"
         raise ConfigError(msg)
-    if any(value < 1 for value in values):
-        msg = f"{name} must hold positive values, got {strides!r}"
+    if any(value < minimum for value in values):
+        msg = f"{name} must hold values >= {minimum}, got {levels!r}"
         raise ConfigError(msg)
     return values
+
+
+def world_size() -> int:
+    """Return the number of processes of the running ``torch.distributed`` job (1 if none)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    return 1
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate the (N_r, D) rows every process holds, in rank order; N_r may differ.
+
+    Memory-bank models fitted with data-parallel training (Lightning's DDP) must build their
+    bank from every process's share of the training set, not only their own.
+    """
+    if world_size() == 1:
+        return local
+    processes = world_size()
+    count = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(processes)]
+    torch.distributed.all_gather(counts, count)
+    longest = int(max(int(c) for c in counts))
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.zeros_like(padded) for _ in range(processes)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[: int(c)] for part, c in zip(parts, counts, strict=True)])
 
 
 def embedding_stack(

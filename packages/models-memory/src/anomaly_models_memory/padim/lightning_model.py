@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from anomaly import AnomalyModule, Batch, ConfigError, LearningType
-from anomaly_models_memory._common import check_strides
+from anomaly_models_memory._common import check_levels, world_size
 from anomaly_models_memory.padim.torch_model import GaussianAccumulator, PadimNet
 
 __all__ = ["Padim"]
@@ -76,8 +76,8 @@ class Padim(AnomalyModule):
         if not isinstance(sigma, int | float) or sigma < 0:
             msg = f"sigma must be >= 0 pixels, got {sigma!r}; e.g. 4"
             raise ConfigError(msg)
-        strides = check_strides("strides", strides)
-        out_indices = check_strides("out_indices", out_indices) if out_indices else out_indices
+        strides = check_levels("strides", strides)
+        out_indices = check_levels("out_indices", out_indices, minimum=0)
         self.save_hyperparameters()
         self.epsilon = float(epsilon)
         self.model = PadimNet(
@@ -129,6 +129,8 @@ class Padim(AnomalyModule):
         if self._accumulator is None or self._grid is None:
             msg = "PaDiM saw no training images; give the datamodule a non-empty train split"
             raise ConfigError(msg)
+        if world_size() > 1:  # data-parallel fitting: every process gets the same statistics
+            self._accumulator.all_reduce()
         mean, inverse = self._accumulator.compute(self.epsilon)
         height, width = self._grid
         self.model.set_gaussian(mean.T.reshape(-1, height, width), inverse)

@@ -52,6 +52,32 @@ class GaussianAccumulator:
         self.sum += centered.sum(dim=1).double()
         self.outer += torch.bmm(centered.transpose(1, 2), centered).double()
 
+    def recenter(self, shift: torch.Tensor) -> None:
+        """Express the sums relative to another shift (P, d), keeping the statistics."""
+        if self.shift is None:
+            self.shift = shift.float().clone()
+            return
+        offset = (self.shift - shift.to(self.shift)).double()  # old shift minus new shift
+        # sum (x - new) = S + n o;  sum (x - new)(x - new)^T = O + S o^T + o S^T + n o o^T
+        cross = torch.einsum("pi,pj->pij", self.sum, offset)
+        self.outer += cross + cross.transpose(1, 2)
+        self.outer += self.count * torch.einsum("pi,pj->pij", offset, offset)
+        self.sum += self.count * offset
+        self.shift = shift.float().clone()
+
+    def all_reduce(self) -> None:
+        """Sum the statistics of every process of a ``torch.distributed`` job (DDP fitting)."""
+        if self.shift is None:
+            msg = "PaDiM saw no training images in this process; give every process data"
+            raise ConfigError(msg)
+        shift = self.shift.clone()
+        torch.distributed.broadcast(shift, src=0)  # one common shift
+        self.recenter(shift)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
+        for tensor in (self.sum, self.outer, count):
+            torch.distributed.all_reduce(tensor)
+        self.count = round(float(count))
+
     def compute(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(mean (P, d), inverse covariance (P, d, d))``, both float32.
 

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from anomaly import AnomalyModule, Batch, ConfigError, LearningType
-from anomaly_models_memory._common import check_strides
+from anomaly_models_memory._common import check_levels, gather_rows, world_size
 from anomaly_models_memory.patchcore.torch_model import PatchcoreNet, greedy_coreset
 
 __all__ = ["Patchcore"]
@@ -108,8 +108,8 @@ class Patchcore(AnomalyModule):
         if not isinstance(sigma, int | float) or sigma < 0:
             msg = f"sigma must be >= 0 pixels, got {sigma!r}; e.g. 4"
             raise ConfigError(msg)
-        strides = check_strides("strides", strides)
-        out_indices = check_strides("out_indices", out_indices) if out_indices else out_indices
+        strides = check_levels("strides", strides)
+        out_indices = check_levels("out_indices", out_indices, minimum=0)
         self.save_hyperparameters()
         self.coreset_ratio = float(coreset_ratio)
         self.projection_dim = projection_dim
@@ -155,6 +155,8 @@ class Patchcore(AnomalyModule):
             raise ConfigError(msg)
         embeddings = torch.cat(self._embeddings)
         self._embeddings = []
+        if world_size() > 1:  # data-parallel fitting: every process builds the same bank
+            embeddings = gather_rows(embeddings.to(self.device)).cpu()
         count = max(1, math.ceil(self.coreset_ratio * embeddings.shape[0]))
         count = max(count, min(self.model.num_neighbors, embeddings.shape[0]))
         indices = greedy_coreset(
