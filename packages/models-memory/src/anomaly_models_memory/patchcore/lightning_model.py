@@ -11,16 +11,15 @@ score, re-weighted by the density of the bank around its nearest entry (Eq. 7).
 Deliberate differences from the paper:
 
 - Backbone: ``efficientnet_lite0`` with offline weights instead of WideResNet-50, so that the
-  model runs fast on a CPU and needs no download. Its stride-16 level (112 channels) is the
-  default feature level, alone: on MTD (magnetic tiles, 256 px) it scored a higher image
-  AUROC than the two-level ``[8, 16]`` embedding that mirrors the paper's layer2 + layer3
-  (the stride-8 level of lite0 has only 40 shallow channels), at a quarter of the patches.
-  ``strides=[8, 16]`` reproduces the paper's layout.
+  model runs fast on a CPU and needs no download. Its stride-8 and stride-16 levels play the
+  role of layer2 and layer3.
 - No channel reduction by default (``embedding_dim=None``): the paper pools WideResNet's 1536
   channels to 1024 for memory and speed; lite0's levels are already narrow (40 + 112).
 - Coreset: greedy selection runs within shuffled blocks of at most 16384 patches, each
-  keeping ``coreset_ratio`` of its patches (see ``greedy_coreset``); exact greedy selection
-  over all patches costs time quadratic in their number.
+  keeping ``coreset_ratio`` of its patches (see ``greedy_coreset``). Exact greedy selection
+  costs time quadratic in the number of patches (about an hour for the 780 000 patches of 761
+  images at 256 px on two CPU cores, seconds per block); on MTD the image AUROC of blocked
+  and exact selection agreed to 0.001.
 """
 
 from __future__ import annotations
@@ -47,7 +46,8 @@ class Patchcore(AnomalyModule):
 
     Args:
         backbone: timm model name with offline weights (see ``anomaly.backbones``).
-        strides: Feature levels by stride, e.g. ``[16]`` or ``[8, 16]``.
+        strides: Feature levels by stride, e.g. ``[8, 16]``; ``[16]`` alone is faster and
+            scored higher on MTD.
         out_indices: timm feature indices, used instead of ``strides`` when given.
         pretrained_weights: Local weight file for the backbone; default: its weight provider.
         pretrained: Load pretrained backbone weights (False: random, only for experiments).
@@ -72,7 +72,7 @@ class Patchcore(AnomalyModule):
     def __init__(
         self,
         backbone: str = "efficientnet_lite0",
-        strides: Sequence[int] | None = (16,),
+        strides: Sequence[int] | None = (8, 16),
         out_indices: Sequence[int] | None = None,
         pretrained_weights: str | os.PathLike[str] | None = None,
         pretrained: bool = True,
