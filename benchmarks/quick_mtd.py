@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from anomaly.io import read_image, read_mask
 from anomaly_models_memory import Padim, Patchcore
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "mtd"
-MODELS = {"patchcore": Patchcore, "padim": Padim}
+MODELS: dict[str, type[Patchcore] | type[Padim]] = {"patchcore": Patchcore, "padim": Padim}
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
@@ -42,7 +44,15 @@ def load_mask(path: Path, size: int) -> torch.Tensor:
     return F.interpolate(mask, size=(size, size), mode="nearest")[0, 0].bool()
 
 
-def load_split(root: Path, size: int, limit_test: int | None, seed: int) -> dict[str, object]:
+@dataclass(frozen=True)
+class Split:
+    train: list[Path]
+    test: list[Path]
+    labels: torch.Tensor  # (N,) 0 good, 1 defective
+    masks: torch.Tensor  # (N, size, size) bool
+
+
+def load_split(root: Path, size: int, limit_test: int | None, seed: int) -> Split:
     category = root / "magnetic_tile"
     train = sorted((category / "train" / "good").glob("*.jpg"))
     test = sorted((category / "test").glob("*/*.jpg"))
@@ -61,32 +71,25 @@ def load_split(root: Path, size: int, limit_test: int | None, seed: int) -> dict
             for path in test
         ]
     )
-    return {"train": train, "test": test, "labels": labels, "masks": masks}
+    return Split(train, test, labels, masks)
 
 
-def batches(paths: list[Path], size: int, batch_size: int) -> list[list[Path]]:
-    return [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+def load_batches(paths: list[Path], size: int, batch_size: int) -> list[torch.Tensor]:
+    return [
+        torch.stack([load_image(path, size) for path in paths[i : i + batch_size]])
+        for i in range(0, len(paths), batch_size)
+    ]
 
 
 def evaluate(
-    name: str, options: dict[str, object], data: dict[str, object], size: int, batch_size: int
+    name: str, options: dict[str, Any], data: Split, size: int, batch_size: int
 ) -> dict[str, object]:
     torch.manual_seed(0)
-    model = MODELS[name](**options)  # type: ignore[arg-type]
+    model = MODELS[name](**options)
     model.eval()
-    train: list[Path] = data["train"]  # type: ignore[assignment]
-    test: list[Path] = data["test"]  # type: ignore[assignment]
-    labels: torch.Tensor = data["labels"]  # type: ignore[assignment]
-    masks: torch.Tensor = data["masks"]  # type: ignore[assignment]
-
-    train_images = [
-        torch.stack([load_image(p, size) for p in chunk])
-        for chunk in batches(train, size, batch_size)
-    ]
-    test_images = [
-        torch.stack([load_image(p, size) for p in chunk])
-        for chunk in batches(test, size, batch_size)
-    ]
+    train_images = load_batches(data.train, size, batch_size)
+    test_images = load_batches(data.test, size, batch_size)
+    test, labels, masks = data.test, data.labels, data.masks
 
     start = time.perf_counter()
     for images in train_images:
@@ -114,7 +117,7 @@ def evaluate(
         "model": name,
         "options": options,
         "image_size": size,
-        "train_images": len(train),
+        "train_images": len(data.train),
         "test_images": len(test),
         "image_auroc": round(float(image_auroc), 4),
         "pixel_auroc": round(float(pixel_auroc), 4),
@@ -144,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = {}
+    options: dict[str, Any] = {}
     for item in args.set:
         key, _, value = item.partition("=")
         options[key] = yaml.safe_load(value)

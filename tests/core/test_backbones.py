@@ -233,14 +233,14 @@ def test_registered_provider_returning_a_path_is_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(3)
-    full = timm.create_model("resnet18", pretrained=False)
-    path = tmp_path / "resnet18.pth"
+    full = timm.create_model("test_resnet", pretrained=False)
+    path = tmp_path / "test_resnet.pth"
     torch.save(full.state_dict(), path)
     module = types.ModuleType("weights_provider_for_tests")
-    module.resnet18_weights = lambda: str(path)  # type: ignore[attr-defined]
+    module.weights = lambda: str(path)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    spec = BackboneSpec(name="resnet18", target=f"{module.__name__}:resnet18_weights")
-    extractor = FeatureExtractor("resnet18", (8, 16), plugin_manager=_manager(spec))
+    spec = BackboneSpec(name="test_resnet", target=f"{module.__name__}:weights")
+    extractor = FeatureExtractor("test_resnet", (8, 16), plugin_manager=_manager(spec))
     torch.testing.assert_close(
         extractor.model.state_dict()["layer2.0.conv1.weight"],
         full.state_dict()["layer2.0.conv1.weight"],
@@ -249,10 +249,10 @@ def test_registered_provider_returning_a_path_is_used(
 
 def test_renamed_feature_modules_load_through_timm(tmp_path: Path) -> None:
     torch.manual_seed(4)
-    full = timm.create_model("convnext_atto", pretrained=False).eval()
+    full = timm.create_model("test_convnext", pretrained=False).eval()
     path = tmp_path / "convnext.safetensors"
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
-    extractor = FeatureExtractor("convnext_atto", (8, 16), pretrained_weights=str(path))
+    extractor = FeatureExtractor("test_convnext", (8, 16), pretrained_weights=str(path))
     image = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         expected = full.forward_intermediates(  # type: ignore[operator]  # timm, untyped
@@ -261,3 +261,11 @@ def test_renamed_feature_modules_load_through_timm(tmp_path: Path) -> None:
         got = extractor(image)
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want)
+
+
+def test_repeated_strides_take_the_first_level_and_indices_pick_any() -> None:
+    by_stride = FeatureExtractor("test_vit", (16,), pretrained=False)
+    by_index = FeatureExtractor("test_vit", None, out_indices=(2,), pretrained=False)
+    assert by_stride.out_indices == [0]
+    assert by_index.out_indices == [2]
+    assert by_index.strides == [16]

@@ -185,11 +185,16 @@ def test_two_levels_embed_at_the_finer_stride(textures: dict[str, torch.Tensor])
 def test_without_reweighting_the_score_is_the_largest_patch_distance(
     textures: dict[str, torch.Tensor],
 ) -> None:
-    plain = fitted(textures, num_neighbors=0, sigma=0.0)
+    plain = fitted(textures, num_neighbors=0)
     with torch.no_grad():
-        score, anomaly_map = plain(textures["defective"])
-    # Bilinear upsampling keeps the maximum of the patch grid when sigma is 0.
-    torch.testing.assert_close(score, anomaly_map.flatten(1).max(dim=1).values)
+        score, _ = plain(textures["defective"])
+        embedding = plain.model.embed(textures["defective"])
+    patches = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+    distance, _ = nearest_neighbors(patches, plain.model.memory_bank)
+    torch.testing.assert_close(score, distance.reshape(4, -1).max(dim=1).values)
+    reweighted = fitted(textures)
+    with torch.no_grad():
+        assert not torch.allclose(reweighted(textures["defective"])[0], score)
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ class Padim(AnomalyModule):
     """
 
     learning_type: ClassVar[LearningType] = LearningType.ONE_CLASS
+    # One pass over the training set; no sanity validation, which would score unfitted.
     trainer_arguments: ClassVar[dict[str, Any]] = {"max_epochs": 1, "num_sanity_val_steps": 0}
 
     def __init__(

@@ -17,9 +17,10 @@ Deliberate differences from the paper:
   channels to 1024 for memory and speed; lite0's levels are already narrow (40 + 112).
 - Coreset: greedy selection runs within shuffled blocks of at most 16384 patches, each
   keeping ``coreset_ratio`` of its patches (see ``greedy_coreset``). Exact greedy selection
-  costs time quadratic in the number of patches (about an hour for the 780 000 patches of 761
-  images at 256 px on two CPU cores, seconds per block); on MTD the image AUROC of blocked
-  and exact selection agreed to 0.001.
+  costs time quadratic in the number of patches. On MTD at 256 px (stride 16, 195 000
+  patches, two CPU cores) blocked selection took 3 s instead of 12 minutes, with image AUROC
+  0.938 instead of 0.927 and pixel AUROC 0.759 instead of 0.787; set ``coreset_block_size``
+  above the patch count for the exact selection (fast on a GPU).
 """
 
 from __future__ import annotations
@@ -63,11 +64,9 @@ class Patchcore(AnomalyModule):
     """
 
     learning_type: ClassVar[LearningType] = LearningType.ONE_CLASS
-    trainer_arguments: ClassVar[dict[str, Any]] = {
-        "max_epochs": 1,
-        "gradient_clip_val": None,
-        "num_sanity_val_steps": 0,
-    }
+    # One pass over the training set; no sanity validation, which would score with an
+    # empty memory bank.
+    trainer_arguments: ClassVar[dict[str, Any]] = {"max_epochs": 1, "num_sanity_val_steps": 0}
 
     def __init__(
         self,
