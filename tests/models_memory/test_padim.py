@@ -28,12 +28,13 @@ def model(textures: dict[str, torch.Tensor]) -> Padim:
     return fitted(textures)
 
 
-def test_accumulated_statistics_equal_the_sample_covariance() -> None:
+@pytest.mark.parametrize("flush_every", [1, 10, 256])
+def test_accumulated_statistics_equal_the_sample_covariance(flush_every: int) -> None:
     generator = torch.Generator().manual_seed(0)
     data = 100.0 + torch.randn(50, 3, 4, generator=generator) @ torch.randn(
         4, 4, generator=generator
     )
-    accumulator = GaussianAccumulator(positions=3, features=4)
+    accumulator = GaussianAccumulator(positions=3, features=4, flush_every=flush_every)
     for part in data.split(7):  # batches of unequal size
         accumulator.update(part)
     mean, inverse = accumulator.compute(epsilon=0.01)

@@ -90,12 +90,16 @@ def test_coreset_projects_wide_features_and_handles_duplicates() -> None:
 # --- neighbour search and re-weighting ------------------------------------------------------
 
 
-def test_nearest_neighbors_match_brute_force_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("k", [1, 3])
+def test_nearest_neighbors_match_brute_force_across_blocks(
+    monkeypatch: pytest.MonkeyPatch, k: int
+) -> None:
     monkeypatch.setattr(torch_model, "_DISTANCE_BLOCK", 64)  # force many small blocks
+    monkeypatch.setattr(torch_model, "_QUERY_BLOCK", 5)
     generator = torch.Generator().manual_seed(4)
     query, bank = torch.randn(16, 5, generator=generator), torch.randn(70, 5, generator=generator)
-    distance, index = nearest_neighbors(query, bank, k=3)
-    expected_distance, expected_index = torch.cdist(query, bank).topk(3, largest=False)
+    distance, index = nearest_neighbors(query, bank, k=k)
+    expected_distance, expected_index = torch.cdist(query, bank).topk(k, largest=False)
     torch.testing.assert_close(distance, expected_distance, atol=1e-4, rtol=1e-4)
     assert torch.equal(index, expected_index)
 

@@ -27,33 +27,58 @@ class GaussianAccumulator:
     """Running sums for one multivariate Gaussian per position, without keeping embeddings.
 
     Embeddings are shifted by the first batch's mean before summing, so ``E[x x^T] - mu mu^T``
-    loses no precision to cancellation; each batch's outer products are one float32 batched
-    matrix product, added to float64 sums.
+    loses no precision to cancellation. Outer products are added in place in float32 (one
+    batched ``baddbmm``) and flushed into float64 totals every ``flush_every`` images, which
+    bounds float32 rounding while keeping the per-batch cost low.
 
     Args:
         positions: Number of positions P.
         features: Dimensions d of each embedding vector.
         device: Where the sums live.
+        flush_every: Images summed in float32 before they are moved into the float64 totals.
     """
 
-    def __init__(self, positions: int, features: int, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        positions: int,
+        features: int,
+        device: torch.device | None = None,
+        flush_every: int = 256,
+    ) -> None:
         self.count = 0
+        self.flush_every = flush_every
         self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(positions, features, dtype=torch.float64, device=device)
         self.outer = torch.zeros(positions, features, features, dtype=torch.float64, device=device)
+        self._pending = 0
+        self._pending_sum = torch.zeros(positions, features, device=device)
+        self._pending_outer = torch.zeros(positions, features, features, device=device)
 
     def update(self, embedding: torch.Tensor) -> None:
         """Add a batch: (B, P, d) float."""
-        values = embedding.detach().to(self.sum.device, torch.float32)
+        values = embedding.detach().to(self._pending_sum.device, torch.float32)
         if self.shift is None:
             self.shift = values.mean(dim=0)
-        centered = (values - self.shift).transpose(0, 1)  # (P, B, d)
-        self.count += int(values.shape[0])
-        self.sum += centered.sum(dim=1).double()
-        self.outer += torch.bmm(centered.transpose(1, 2), centered).double()
+        centered = (values - self.shift).transpose(0, 1).contiguous()  # (P, B, d)
+        self._pending_sum += centered.sum(dim=1)
+        self._pending_outer.baddbmm_(centered.transpose(1, 2), centered)
+        self._pending += int(values.shape[0])
+        if self._pending >= self.flush_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending == 0:
+            return
+        self.sum += self._pending_sum.double()
+        self.outer += self._pending_outer.double()
+        self.count += self._pending
+        self._pending = 0
+        self._pending_sum.zero_()
+        self._pending_outer.zero_()
 
     def recenter(self, shift: torch.Tensor) -> None:
         """Express the sums relative to another shift (P, d), keeping the statistics."""
+        self._flush()
         if self.shift is None:
             self.shift = shift.float().clone()
             return
@@ -83,6 +108,7 @@ class GaussianAccumulator:
 
         The covariance is the unbiased sample covariance plus ``epsilon * I`` (PaDiM, Eq. 1).
         """
+        self._flush()
         if self.count < 1 or self.shift is None:
             msg = "PaDiM saw no training images; give the datamodule a non-empty train split"
             raise ConfigError(msg)

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 # Entries of one block of a distance matrix; bounds the memory of neighbour searches (64 MiB).
 _DISTANCE_BLOCK = 1 << 24
+_QUERY_BLOCK = 4096
 
 
 def sparse_random_projection(
@@ -148,7 +149,7 @@ def nearest_neighbors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the distances and indices of the ``k`` nearest bank rows of each query row.
 
-    The distance matrix is computed in blocks of the bank so memory stays bounded.
+    Distances are computed in blocks of queries and bank rows so memory stays bounded.
 
     Args:
         query: (Q, D) float.
@@ -158,26 +159,48 @@ def nearest_neighbors(
     Returns:
         ``(distances, indices)``, both (Q, k), nearest first; Euclidean distances.
     """
-    query_norms = (query * query).sum(dim=1, keepdim=True)
-    chunk = max(k, _DISTANCE_BLOCK // max(1, int(query.shape[0])))
-    best_distance: torch.Tensor | None = None
-    best_index: torch.Tensor | None = None
-    for begin in range(0, int(bank.shape[0]), chunk):
-        part = bank[begin : begin + chunk]
-        squared = query_norms - 2.0 * (query @ part.T) + (part * part).sum(dim=1)
-        distance, index = torch.topk(squared, min(k, int(part.shape[0])), dim=1, largest=False)
-        index = index + begin
-        if best_distance is None or best_index is None:
-            best_distance, best_index = distance, index
-        else:
-            merged_distance = torch.cat([best_distance, distance], dim=1)
-            merged_index = torch.cat([best_index, index], dim=1)
-            best_distance, order = torch.topk(merged_distance, k, dim=1, largest=False)
-            best_index = torch.gather(merged_index, 1, order)
-    if best_distance is None or best_index is None:
-        msg = "nearest_neighbors needs a non-empty bank"
+    if bank.shape[0] < k:
+        msg = f"nearest_neighbors needs at least k={k} bank rows, got {bank.shape[0]}"
         raise ValueError(msg)
-    return best_distance.clamp_min(0.0).sqrt(), best_index
+    bank_norms = (bank * bank).sum(dim=1)
+    query_block = min(max(1, int(query.shape[0])), _QUERY_BLOCK)
+    bank_block = max(k, _DISTANCE_BLOCK // query_block)
+    distances, indices = [], []
+    for start in range(0, int(query.shape[0]), query_block):
+        part = query[start : start + query_block]
+        best_distance, best_index = _nearest_in_blocks(part, bank, bank_norms, k, bank_block)
+        # ||q||^2 is constant per row, so it is added only once the neighbours are known.
+        squared = best_distance + (part * part).sum(dim=1, keepdim=True)
+        distances.append(squared.clamp_min(0.0).sqrt())
+        indices.append(best_index)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def _nearest_in_blocks(
+    query: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor, k: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the k smallest ``||m||^2 - 2 q.m`` over bank rows m, and their indices."""
+    best_distance = torch.empty(0)
+    best_index = torch.empty(0, dtype=torch.long)
+    for begin in range(0, int(bank.shape[0]), block):
+        rows = bank[begin : begin + block]
+        partial = torch.addmm(bank_norms[begin : begin + block], query, rows.T, alpha=-2.0)
+        if k == 1:  # min is much cheaper than topk
+            distance, index = partial.min(dim=1, keepdim=True)
+        else:
+            distance, index = torch.topk(partial, min(k, rows.shape[0]), dim=1, largest=False)
+        index = index + begin
+        if begin == 0:
+            best_distance, best_index = distance, index
+        elif k == 1:
+            closer = distance < best_distance
+            best_distance = torch.where(closer, distance, best_distance)
+            best_index = torch.where(closer, index, best_index)
+        else:
+            merged = torch.cat([best_distance, distance], dim=1)
+            best_distance, order = torch.topk(merged, k, dim=1, largest=False)
+            best_index = torch.gather(torch.cat([best_index, index], dim=1), 1, order)
+    return best_distance, best_index
 
 
 def reweight_scores(
