@@ -141,9 +141,9 @@ def test_checkpoint_round_trip_reproduces_predictions(fitted, tmp_path):
     torch.testing.assert_close(before.pred_score, after.pred_score)
 
 
-def test_torch_export_writes_model_and_metadata(fitted, tmp_path):
+def test_checkpoint_export_writes_model_and_metadata(fitted, tmp_path):
     engine, model, _, _ = fitted
-    result = engine.export(model, tmp_path / "export", format="torch")
+    result = engine.export(model, tmp_path / "export", format="checkpoint")
     metadata = json.loads((result.path / "metadata.json").read_text())
     assert metadata["model"] == "mean_distance"
     assert metadata["input"]["height"] == 32

@@ -486,7 +486,7 @@ class Engine:
         )
 
     def export(
-        self, model: AnomalyModule, directory: str | Path, *, format: str = "torch", **options: Any
+        self, model: AnomalyModule, directory: str | Path, *, format: str = "checkpoint", **options: Any
     ) -> ExportResult:
         """Export a fitted model with its pre- and post-processing into ``directory``."""
         self._require_fitted(model)

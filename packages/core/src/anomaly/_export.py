@@ -1,4 +1,4 @@
-"""The built-in ``torch`` exporter: a state dict plus ``metadata.json``, no pickled code."""
+"""The built-in ``checkpoint`` exporter: a state dict plus ``metadata.json``, no pickled code."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from anomaly._errors import ExportError
 from anomaly._module import AnomalyModule
 from anomaly._plugins import PluginManager
 
-__all__ = ["METADATA_SCHEMA_VERSION", "export_metadata", "export_torch"]
+__all__ = ["METADATA_SCHEMA_VERSION", "export_metadata", "export_checkpoint"]
 
 METADATA_SCHEMA_VERSION = 1
 
@@ -56,7 +56,7 @@ def export_metadata(
     }
 
 
-def export_torch(
+def export_checkpoint(
     model: AnomalyModule,
     directory: Path,
     *,
@@ -73,7 +73,7 @@ def export_torch(
     from anomaly._engine import Engine
 
     if options:
-        msg = f"the torch exporter takes no options, got {sorted(options)!r}"
+        msg = f"the checkpoint exporter takes no options, got {sorted(options)!r}"
         raise ExportError(msg)
     if model.input_size is None:
         msg = "the model has no input size; fit it or load a fitted checkpoint before exporting"
@@ -81,7 +81,7 @@ def export_torch(
     engine = Engine(plugin_manager=plugin_manager)
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(model, directory / "model.pt")
-    metadata = export_metadata(model, engine.model_name(model), "torch", "model.pt")
+    metadata = export_metadata(model, engine.model_name(model), "checkpoint", "model.pt")
     (directory / "metadata.json").write_text(
         json.dumps(metadata, indent=2) + "\n", encoding="utf-8"
     )

@@ -63,11 +63,11 @@ def anomaly_register_visualizers() -> list[VisualizerSpec]:
 
 @hookimpl
 def anomaly_register_exporters() -> list[ExporterSpec]:
-    """Register the torch exporter."""
+    """Register the checkpoint exporter (weights only; anomaly-deploy adds runtime formats)."""
     return [
         ExporterSpec(
-            name="torch",
-            target="anomaly._export:export_torch",
+            name="checkpoint",
+            target="anomaly._export:export_checkpoint",
             summary="State dict and metadata.json, loadable without unpickling code.",
         )
     ]

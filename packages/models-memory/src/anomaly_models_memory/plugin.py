@@ -7,7 +7,7 @@ from anomaly import ModelSpec, hookimpl
 
 @hookimpl
 def anomaly_register_models() -> list[ModelSpec]:
-    """Register PatchCore and PaDiM."""
+    """Register PatchCore, PaDiM, DFKDE, DFM and CFA."""
     return [
         ModelSpec(
             name="patchcore",
@@ -20,5 +20,23 @@ def anomaly_register_models() -> list[ModelSpec]:
             family="memory",
             target="anomaly_models_memory.padim:Padim",
             summary="Per-position Gaussians of pretrained features, Mahalanobis map (Defard 2021).",
+        ),
+        ModelSpec(
+            name="dfkde",
+            family="memory",
+            target="anomaly_models_memory.dfkde:Dfkde",
+            summary="Kernel density of PCA-reduced pooled deep features.",
+        ),
+        ModelSpec(
+            name="dfm",
+            family="memory",
+            target="anomaly_models_memory.dfm:Dfm",
+            summary="PCA + Gaussian deep feature modelling, reconstruction maps (Ahuja 2019).",
+        ),
+        ModelSpec(
+            name="cfa",
+            family="memory",
+            target="anomaly_models_memory.cfa:Cfa",
+            summary="Coupled-hypersphere feature adaptation to a memory of patch features (Lee 2022).",
         ),
     ]
