@@ -181,7 +181,25 @@ def test(ctx: click.Context, ckpt: str, configs: tuple[str, ...], as_json: bool)
         "allow_extra_args": False,
     }
 )
-@click.option("--ckpt", required=True, type=click.Path(), help=CKPT_HELP)
+@click.option(
+    "--ckpt",
+    default=None,
+    type=click.Path(),
+    help=(
+        "Checkpoint file (weights/model.ckpt of a run) or checkpoint export folder; "
+        "give --ckpt or --model."
+    ),
+)
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    type=click.Path(),
+    help=(
+        "Export folder of any format (metadata.json and model file, from 'anomaly export') "
+        "to predict with its runtime; no checkpoint or training code needed."
+    ),
+)
 @click.option(
     "--output",
     "-o",
@@ -204,6 +222,15 @@ def test(ctx: click.Context, ckpt: str, configs: tuple[str, ...], as_json: bool)
     help="Images per batch.",
 )
 @click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help=(
+        "Where to run: auto (CPU for --model), cpu, cuda/gpu; with --model also any "
+        "device of the export's runtime (e.g. OpenVINO's GPU or NPU)."
+    ),
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -215,58 +242,190 @@ def test(ctx: click.Context, ckpt: str, configs: tuple[str, ...], as_json: bool)
 @click.pass_context
 def predict(
     ctx: click.Context,
-    ckpt: str,
+    ckpt: str | None,
+    model_path: str | None,
     output: str,
     visualizer: str,
     batch_size: int,
+    device: str,
     as_json: bool,
     source: str,
 ) -> None:
     """Predict scores, labels and heat maps for images.
 
-    SOURCE is an image file or a folder (searched recursively). Writes predictions.csv,
-    predictions.json and one visualization per image into a new folder under --output.
+    SOURCE is an image file or a folder (searched recursively); with --model also a video
+    file or a camera (camera:0). Writes predictions.csv, predictions.json and one
+    visualization per image into a new folder under --output.
 
     \b
     Examples:
       anomaly predict --ckpt results/.../weights/model.ckpt ./new_images
+      anomaly predict --model results/.../export/openvino ./new_images
+      anomaly predict --model deploy/onnx line.mp4 --batch-size 1
     """
-    pm = get_plugin_manager()
-    from anomaly._engine import Engine, image_paths
+    import csv
+    from typing import Any
 
-    quiet_lightning(verbosity())
-    engine = Engine(plugin_manager=pm)
-    model = engine.load_model(ckpt)
-    image_paths(source)  # a missing or empty source fails before any folder is made
+    from anomaly._errors import AnomalyError, ConfigError, DataError, UnknownNameError
+
+    if (ckpt is None) == (model_path is None):
+        msg = "pass exactly one of --ckpt (a checkpoint) or --model (an export folder)"
+        raise click.UsageError(msg)
+    pm = get_plugin_manager()
     chosen = None if visualizer.lower() == "none" else visualizer
     if chosen is not None:
         pm.visualizer(chosen)
-    results = ResultsFolder(Path(output))
-    with results as folder:
-        with progress_bar(not _quiet(ctx) and not as_json) as progress:
-            engine.progress = progress
-            result = engine.predict(
-                model,
-                source,
-                visualizer=chosen,
-                output_dir=folder / "images",
-                batch_size=batch_size,
-                keep_batches=False,
+    wanted = device.strip().lower()
+    rows: list[dict[str, Any]]
+
+    if model_path is None:
+        assert ckpt is not None
+        from anomaly._engine import Engine, image_paths
+
+        accelerators = {"auto": "auto", "cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}
+        if wanted not in accelerators:
+            msg = f"--device {device!r} is not one of {sorted(accelerators)!r} for --ckpt"
+            raise ConfigError(msg)
+        import torch
+
+        if accelerators[wanted] == "gpu" and not torch.cuda.is_available():
+            msg = f"--device {device!r} asked for, but torch sees no CUDA device; use cpu"
+            raise ConfigError(msg)
+        exported = Path(ckpt) / "metadata.json"
+        if exported.is_file():
+            try:
+                found = json.loads(exported.read_text(encoding="utf-8")).get("format")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                found = None
+            if isinstance(found, str) and found != "checkpoint":
+                msg = f"{ckpt!r} is a {found!r} export; predict with --model {ckpt!r}"
+                raise ConfigError(msg)
+        quiet_lightning(verbosity())
+        engine = Engine(plugin_manager=pm, accelerator=accelerators[wanted])
+        model = engine.load_model(ckpt)
+        image_paths(source)  # a missing or empty source fails before any folder is made
+        results = ResultsFolder(Path(output))
+        with results as folder:
+            with progress_bar(not _quiet(ctx) and not as_json) as progress:
+                engine.progress = progress
+                result = engine.predict(
+                    model,
+                    source,
+                    visualizer=chosen,
+                    output_dir=folder / "images",
+                    batch_size=batch_size,
+                    keep_batches=False,
+                )
+            rows = [
+                {
+                    "image_path": row.image_path,
+                    "pred_score": row.pred_score,
+                    "pred_label": row.pred_label,
+                }
+                for row in result.predictions
+            ]
+            write_predictions(folder / "predictions.csv", result.predictions)
+            write_json(folder / "predictions.json", rows)
+    else:
+        # Checkpoint-less: the export's own runtime through the inferencer registered for
+        # its format. anomaly-deploy's errors cannot be imported here (core imports no
+        # plugin), so they are recognised by the names the deploy contract fixes.
+        def translated(err: Exception) -> AnomalyError | None:
+            names = {kind.__name__ for kind in type(err).__mro__}
+            if "DeployError" not in names:
+                return None
+            return (DataError if "InputError" in names else ConfigError)(str(err))
+
+        def as_batch(prediction: Any) -> Any:
+            """Turn a deploy ``Prediction`` into the one-image Batch visualizers draw."""
+            import torch
+
+            from anomaly._batch import Batch
+
+            image = torch.from_numpy(prediction.image).permute(2, 0, 1).float() / 255.0
+            return Batch(
+                image=image[None],
+                image_path=(prediction.source,),
+                pred_score=torch.tensor([prediction.pred_score], dtype=torch.float32),
+                pred_label=torch.tensor([int(prediction.pred_label)], dtype=torch.int64),
+                anomaly_map=torch.from_numpy(prediction.anomaly_map)[None],
+                pred_mask=torch.from_numpy(prediction.pred_mask)[None],
             )
-        rows = [
-            {
-                "image_path": row.image_path,
-                "pred_score": row.pred_score,
-                "pred_label": row.pred_label,
-            }
-            for row in result.predictions
-        ]
-        write_predictions(folder / "predictions.csv", result.predictions)
-        write_json(folder / "predictions.json", rows)
+
+        given = Path(model_path)
+        metadata_file = (given if given.is_dir() else given.parent) / "metadata.json"
+        if not given.exists():
+            msg = f"export {model_path!r} does not exist; pass a folder written by 'anomaly export'"
+            raise ConfigError(msg)
+        try:
+            metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+            fmt = metadata["format"]
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+            msg = (
+                f"export metadata {str(metadata_file)!r} is missing or not valid ({err!r}); "
+                "pass a folder written by 'anomaly export'"
+            )
+            raise ConfigError(msg) from err
+        if fmt == "checkpoint":
+            msg = f"{model_path!r} is a checkpoint export; predict with --ckpt {model_path!r}"
+            raise ConfigError(msg)
+        try:
+            inferencer_class = pm.inferencer(str(fmt)).load()
+        except UnknownNameError as err:
+            msg = f"no inferencer for export format {fmt!r} of {model_path!r} ({err})"
+            raise ConfigError(msg) from err
+        try:
+            inferencer = inferencer_class(  # type: ignore[operator]  # a registered class
+                model_path, device="CPU" if wanted == "auto" else device
+            )
+            stream = inferencer.predict_source(source, batch_size=batch_size)
+        except Exception as err:
+            error = translated(err)
+            if error is None:
+                raise
+            raise error from err
+        total = getattr(stream, "total", None)
+        rows = []
+        results = ResultsFolder(Path(output))
+        with results as folder:
+            painter = None
+            if chosen is not None:
+                painter = pm.visualizer(chosen).load()(folder / "images")  # type: ignore[operator]
+            with progress_bar(not _quiet(ctx) and not as_json) as progress:
+                try:
+                    for prediction in stream:
+                        rows.append(
+                            {
+                                "image_path": prediction.source,
+                                "pred_score": prediction.pred_score,
+                                "pred_label": int(prediction.pred_label),
+                            }
+                        )
+                        if painter is not None:
+                            painter.visualize(as_batch(prediction))
+                        if progress is not None:
+                            progress("predict", len(rows), total)
+                except KeyboardInterrupt:
+                    if total is not None:
+                        raise
+                    # A camera runs until interrupted: keep what it has predicted.
+                except Exception as err:
+                    error = translated(err)
+                    if error is None:
+                        raise
+                    raise error from err
+            with (folder / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
+                table = csv.writer(handle)
+                table.writerow(["image_path", "pred_score", "pred_label", "gt_label"])
+                for row in rows:
+                    table.writerow(
+                        [row["image_path"], f"{row['pred_score']:.6f}", row["pred_label"], ""]
+                    )
+            write_json(folder / "predictions.json", rows)
     if as_json:
         console.print_json(json.dumps({"results_dir": str(results.final), "predictions": rows}))
         return
-    anomalous = sum(row.pred_label for row in result.predictions)
+    anomalous = sum(int(bool(row["pred_label"])) for row in rows)
     console.print(f"{len(rows)} images, {anomalous} anomalous")
     console.print(f"Results: [bold]{results.final}[/bold]")
 
