@@ -8,7 +8,7 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ("anomaly", "anomaly_data", "anomaly_models_memory")
+PACKAGES = ("anomaly", "anomaly_data", "anomaly_models_memory", "anomaly_deploy")
 
 
 def _modules() -> list[str]:

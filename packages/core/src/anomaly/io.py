@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from anomaly._errors import DataError
 
@@ -46,6 +46,9 @@ def _open(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
             image.load()
+            # Phone and camera photos store their rotation in EXIF; show them upright, as
+            # the deploy inferencers do, so training and deployment see the same pixels.
+            image = ImageOps.exif_transpose(image)
     except FileNotFoundError as err:
         msg = f"image file {str(path)!r} does not exist; check the path"
         raise DataError(msg) from err

@@ -20,18 +20,17 @@ from anomaly._cli._common import (
     metrics_table,
     prepare,
     progress_bar,
-    quiet_lightning,
-    verbosity,
     set_seed,
     splits_table,
+    verbosity,
     write_json,
     write_predictions,
     write_yaml,
 )
-from anomaly._cli._console import console, err_console
+from anomaly._cli._console import console, err_console, quiet_lightning
 from anomaly._plugins import get_plugin_manager
 
-CKPT_HELP = "Checkpoint file (weights/model.ckpt of a run) or torch export folder."
+CKPT_HELP = "Checkpoint file (weights/model.ckpt of a run) or checkpoint export folder."
 
 
 def _quiet(ctx: click.Context) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -89,8 +89,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> npt.ND
 
     Conversions match how training reads files (``anomaly.io.read_image``): grayscale and
     palette become RGB, 16-bit images are scaled by their bit depth, alpha is composited onto
-    black. EXIF orientation is not applied, for the same reason: the model must see the pixels
-    it was trained on.
+    black, and EXIF orientation is applied (as training and the inferencers do), so the model
+    sees the pixels it was trained on.
 
     Args:
         data: The bytes of an image file (PNG, JPEG, BMP, TIFF, WebP, ...).
@@ -119,7 +119,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> npt.ND
             )
             raise ImageTooLargeError(msg)
         image.load()
-        return _to_rgb(image)
+        return _to_rgb(ImageOps.exif_transpose(image))
     except UnidentifiedImageError as err:
         msg = "the upload is not an image in a known format; send a PNG, JPEG, BMP, TIFF or WebP"
         raise NotAnImageError(msg) from err
