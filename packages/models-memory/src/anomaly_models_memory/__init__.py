@@ -1,4 +1,4 @@
-"""Memory-bank and feature-statistics models for anomaly: PatchCore, PaDiM.
+"""Memory-bank and feature-statistics models for anomaly: PatchCore, PaDiM, DFKDE, DFM, CFA.
 
 Classes are imported on first use, so loading the plugin module stays light.
 """
@@ -10,12 +10,33 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from anomaly_models_memory._common import NotFittedError
+    from anomaly_models_memory.cfa import Cfa, CfaNet
+    from anomaly_models_memory.dfkde import Dfkde, DfkdeNet
+    from anomaly_models_memory.dfm import Dfm, DfmNet
     from anomaly_models_memory.padim import Padim, PadimNet
     from anomaly_models_memory.patchcore import Patchcore, PatchcoreNet
 
-__all__ = ["NotFittedError", "Padim", "PadimNet", "Patchcore", "PatchcoreNet"]
+__all__ = [
+    "Cfa",
+    "CfaNet",
+    "Dfkde",
+    "DfkdeNet",
+    "Dfm",
+    "DfmNet",
+    "NotFittedError",
+    "Padim",
+    "PadimNet",
+    "Patchcore",
+    "PatchcoreNet",
+]
 
 _LAZY = {
+    "Cfa": "anomaly_models_memory.cfa",
+    "CfaNet": "anomaly_models_memory.cfa",
+    "Dfkde": "anomaly_models_memory.dfkde",
+    "DfkdeNet": "anomaly_models_memory.dfkde",
+    "Dfm": "anomaly_models_memory.dfm",
+    "DfmNet": "anomaly_models_memory.dfm",
     "NotFittedError": "anomaly_models_memory._common",
     "Padim": "anomaly_models_memory.padim",
     "PadimNet": "anomaly_models_memory.padim",

@@ -37,6 +37,6 @@ def anomaly_register_models() -> list[ModelSpec]:
             name="cfa",
             family="memory",
             target="anomaly_models_memory.cfa:Cfa",
-            summary="Coupled-hypersphere feature adaptation to a memory of patch features (Lee 2022).",
+            summary="Coupled-hypersphere adaptation of patch features to a memory bank (Lee 2022).",
         ),
     ]
