@@ -308,7 +308,9 @@ def test_example_model_trains_through_the_cli(
     tmp_path: Path,
     run_main: Callable[..., tuple[int, str, str]],
 ) -> None:
-    monkeypatch.setenv("ANOMALY_LOAD_PLUGINS", f"{EXAMPLE},anomaly-core,anomaly-data")
+    monkeypatch.setenv(
+        "ANOMALY_LOAD_PLUGINS", f"{EXAMPLE},anomaly-core,anomaly-data,anomaly-deploy"
+    )
 
     code, out, err = run_main(
         "-q",

@@ -50,7 +50,7 @@ def test_run_writes_a_complete_results_folder(synthetic_mvtec, tmp_path, capsys)
     assert metrics["metrics"]["image_auroc"] > 0.9
     assert metrics["metrics"]["pixel_auroc"] > 0.75  # coarse at 64 px: 4x4 feature maps
     assert (folder / "weights" / "model.ckpt").is_file()
-    assert (folder / "export" / "torch" / "model.pt").is_file()
+    assert (folder / "export" / "torch" / "model.pt2").is_file()
     assert (
         json.loads((folder / "export" / "torch" / "metadata.json").read_text())["model"]
         == "patchcore"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import lightning.pytorch as pl
@@ -87,6 +88,24 @@ def test_state_dict_round_trip_keeps_channels_and_statistics(
     torch.testing.assert_close(got[1], expected[1])
 
 
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_openvino_backbone_gives_eager_scores(
+    model: Padim, textures: dict[str, torch.Tensor]
+) -> None:
+    fast = fitted(textures, backbone_runtime="openvino")
+    assert fast.model.feature_extractor.runtime == "openvino"
+    assert fast.hparams["backbone_runtime"] == "openvino"
+    assert list(fast.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(fast.model.mean, model.model.mean, rtol=1e-4, atol=1e-4)
+    images = torch.cat([textures["normal"], textures["defective"]])
+    with torch.inference_mode():  # as in Lightning's test loop
+        expected_score, expected_map = model(images)
+        score, anomaly_map = fast(images)
+    scale = float(expected_map.abs().max())
+    torch.testing.assert_close(score, expected_score, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(anomaly_map, expected_map, rtol=1e-4, atol=1e-4 * scale)
+
+
 def test_other_image_sizes_are_refused(model: Padim) -> None:
     with pytest.raises(DataError, match=r"fitted on \(16, 16\).*resize"):
         model(torch.rand(1, 3, 96, 64))
@@ -112,6 +131,7 @@ def test_all_channels_are_kept_on_request() -> None:
         ({"sigma": -1.0}, "sigma"),
         ({"strides": [3]}, "available strides"),
         ({"strides": [4, 4]}, "repeat"),
+        ({"backbone_runtime": "openvno"}, "did you mean 'openvino'"),
     ],
 )
 def test_bad_options_raise_config_error(options: dict[str, object], match: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning.pytorch as pl
 import pytest
@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 from anomaly import ConfigError, get_plugin_manager
 from anomaly._batch import collate
 from anomaly_models_memory import NotFittedError, Patchcore, PatchcoreNet
-from anomaly_models_memory.patchcore import torch_model
 from anomaly_models_memory.patchcore.torch_model import (
     greedy_coreset,
     nearest_neighbors,
@@ -21,6 +20,16 @@ from anomaly_models_memory.patchcore.torch_model import (
 )
 
 PeakCheck = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tensors here are tiny: with one thread no step waits on OpenMP's synchronization, which
+    # dominates (ten times slower) when other processes share the cores.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def fitted(textures: dict[str, torch.Tensor], **options: object) -> Patchcore:
@@ -39,23 +48,15 @@ def model(textures: dict[str, torch.Tensor]) -> Patchcore:
 # --- coreset --------------------------------------------------------------------------------
 
 
-def test_greedy_steps_pick_the_farthest_point() -> None:
-    points = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [20.0]])
-    # From 0: 20 is farthest; then 10 (10 away from both); then 2 or 11 and 1 ... greedy order.
-    chosen = torch_model._greedy_block(points, 4, start=0).tolist()
-    assert chosen[:3] == [0, 5, 3]
-    assert chosen[3] in (2, 4)  # both are 2 (resp. 1) away: 2 from 0, 1 from 10 -> 2 wins
-    assert chosen[3] == 2
-
-
 def test_coreset_covers_every_cluster_once() -> None:
     generator = torch.Generator().manual_seed(0)
     corners = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
     points = torch.cat([corner + torch.randn(50, 2, generator=generator) for corner in corners])
-    for seed in range(3):
-        chosen = greedy_coreset(points, 4, seed=seed)
-        clusters = sorted((chosen // 50).tolist())
-        assert clusters == [0, 1, 2, 3]  # k-center: one center per well-separated cluster
+    for mode in ("exact", "approximate"):
+        for seed in range(3):
+            chosen = greedy_coreset(points, 4, seed=seed, mode=mode)
+            clusters = sorted((chosen // 50).tolist())
+            assert clusters == [0, 1, 2, 3]  # k-center: one center per well-separated cluster
 
 
 def test_coreset_radius_is_within_twice_the_best() -> None:
@@ -71,37 +72,35 @@ def test_coreset_radius_is_within_twice_the_best() -> None:
     assert float(radius) < random_radius
 
 
-def test_coreset_blocks_split_the_count_exactly() -> None:
+def test_coreset_partitions_split_the_count_exactly() -> None:
     points = torch.randn(1000, 8, generator=torch.Generator().manual_seed(2))
     chosen = greedy_coreset(points, 101, block_size=300, seed=0)
     assert chosen.numel() == 101
-    assert chosen.unique().numel() == 101
+    assert torch.unique(chosen).numel() == 101
     assert torch.equal(chosen, greedy_coreset(points, 101, block_size=300, seed=0))
+    assert not torch.equal(chosen, greedy_coreset(points, 101, block_size=300, seed=1))
 
 
 def test_coreset_projects_wide_features_and_handles_duplicates() -> None:
     points = torch.randn(40, 300, generator=torch.Generator().manual_seed(3))
-    assert greedy_coreset(points, 10, projection_dim=16).unique().numel() == 10
-    repeated = torch.zeros(20, 4)
-    assert greedy_coreset(repeated, 5).numel() == 1  # all rows equal: one covers them
-    assert torch.equal(greedy_coreset(points, 50), torch.arange(40))
+    for mode in ("exact", "approximate"):
+        assert torch.unique(greedy_coreset(points, 10, projection_dim=16, mode=mode)).numel() == 10
+        repeated = torch.zeros(20, 4)
+        assert greedy_coreset(repeated, 5, mode=mode).numel() == 1  # one row covers them all
+        assert torch.equal(greedy_coreset(points, 50, mode=mode), torch.arange(40))
 
 
 # --- neighbour search and re-weighting ------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_nearest_neighbors_match_brute_force_across_blocks(
-    monkeypatch: pytest.MonkeyPatch, k: int
-) -> None:
-    monkeypatch.setattr(torch_model, "_DISTANCE_BLOCK", 64)  # force many small blocks
-    monkeypatch.setattr(torch_model, "_QUERY_BLOCK", 5)
+def test_nearest_neighbors_match_brute_force() -> None:
     generator = torch.Generator().manual_seed(4)
     query, bank = torch.randn(16, 5, generator=generator), torch.randn(70, 5, generator=generator)
-    distance, index = nearest_neighbors(query, bank, k=k)
-    expected_distance, expected_index = torch.cdist(query, bank).topk(k, largest=False)
-    torch.testing.assert_close(distance, expected_distance, atol=1e-4, rtol=1e-4)
-    assert torch.equal(index, expected_index)
+    for k in (1, 3):
+        distance, index = nearest_neighbors(query, bank, k=k)
+        expected_distance, expected_index = torch.cdist(query, bank).topk(k, largest=False)
+        torch.testing.assert_close(distance, expected_distance, atol=1e-4, rtol=1e-4)
+        assert torch.equal(index, expected_index)
 
 
 def test_reweighting_follows_equation_7() -> None:
@@ -146,6 +145,7 @@ def test_bank_size_follows_coreset_ratio(
 ) -> None:
     patches = textures["train"].shape[0] * 8 * 8  # 64 px at stride 8
     assert model.model.memory_bank.shape == (math.ceil(0.1 * patches), 40 + 112)
+    assert model.model.memory_bank.dtype == torch.float32
 
 
 def test_any_image_size_is_scored(model: Patchcore) -> None:
@@ -178,6 +178,8 @@ def test_state_dict_round_trip_resizes_the_bank(
 def test_unfitted_model_refuses_to_score() -> None:
     with pytest.raises(NotFittedError, match="memory bank is empty"):
         Patchcore()(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ConfigError, match="no training images"):
+        Patchcore().fit_end()
 
 
 def test_two_levels_embed_at_the_finer_stride(textures: dict[str, torch.Tensor]) -> None:
@@ -211,15 +213,33 @@ def test_without_reweighting_the_score_is_the_largest_patch_distance(
         ({"patch_size": 2}, "patch_size"),
         ({"sigma": -1.0}, "sigma"),
         ({"projection_dim": 0}, "projection_dim"),
+        ({"coreset_block_size": 0}, "coreset_block_size"),
         ({"strides": [7]}, "available strides"),
         ({"strides": "16"}, "list of ints"),
         ({"backbone": "resnet_nope"}, "not a timm model"),
         ({"embedding_dim": 1000}, "embedding_dim"),
+        ({"coreset_mode": "fast"}, "coreset_mode must be one of 'exact', 'approximate'"),
+        ({"memory_bank_size": 0}, "memory_bank_size"),
+        ({"memory_bank_size": 2.5}, "memory_bank_size"),
+        ({"bank_dtype": "bfloat16"}, "bank_dtype must be one of 'float32', 'float16'"),
+        ({"search_backend": "annoy"}, "search_backend must be one of 'torch', 'faiss'"),
+        ({"backbone_runtime": "tensorrt"}, "runtime"),
+        ({"coreset_threads": 0}, "coreset_threads"),
     ],
 )
 def test_bad_options_raise_config_error(options: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         Patchcore(**options)  # type: ignore[arg-type]
+
+
+class _ProgressProbe(pl.Callback):
+    """Stands for anomaly.Engine's progress bridge: a callback holding ``progress``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int | None]] = []
+
+    def progress(self, phase: str, done: int, total: int | None) -> None:
+        self.calls.append((phase, done, total))
 
 
 def test_registered_and_fits_through_lightning(textures: dict[str, torch.Tensor]) -> None:
@@ -232,8 +252,9 @@ def test_registered_and_fits_through_lightning(textures: dict[str, torch.Tensor]
         batch_size=4,
         collate_fn=collate,
     )
-    model = Patchcore(strides=[16])
+    model = Patchcore(strides=[16], coreset_mode="exact")
     backbone_before = {k: v.clone() for k, v in model.model.feature_extractor.state_dict().items()}
+    probe = _ProgressProbe()
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -242,6 +263,7 @@ def test_registered_and_fits_through_lightning(textures: dict[str, torch.Tensor]
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        callbacks=[probe],
     )
     trainer.fit(model, train_dataloaders=loader)
     assert model.model.memory_bank.shape[0] == math.ceil(0.1 * 12 * 16)
@@ -250,3 +272,6 @@ def test_registered_and_fits_through_lightning(textures: dict[str, torch.Tensor]
     for key, value in extractor.state_dict().items():  # batch norm statistics untouched
         torch.testing.assert_close(value, backbone_before[key])
     assert model.hparams["coreset_ratio"] == 0.1
+    # The coreset selection reported its progress through the trainer's progress callback.
+    assert probe.calls[-1] == ("coreset", 20, 20)
+    assert all(phase == "coreset" for phase, _, _ in probe.calls)

@@ -20,6 +20,7 @@ from anomaly._errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "EXPORT_PRECISIONS",
     "ComponentConfig",
     "RunConfig",
     "apply_overrides",
@@ -43,13 +44,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "data": {"name": "demo"},
     "engine": {},
     "post_processing": {},
-    "export": {"formats": ["torch"]},
+    "export": {"formats": ["torch"], "precision": "fp32"},
     "metrics": list(DEFAULT_METRICS),
     "visualizer": "image",
     "seed": 0,
     "results_dir": "results",
 }
 _COMPONENT_SECTIONS = ("model", "data")
+_EXPORT_KEYS = ("formats", "precision")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 _MAPPING_SECTIONS = ("model", "data", "engine", "post_processing", "export")
 # Keys whose string values are paths, resolved against the config file that sets them.
 _PATH_KEYS = {
@@ -80,6 +83,7 @@ class RunConfig:
     visualizer: str | None
     seed: int
     results_dir: Path
+    export_precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as plain data, in the YAML layout that reproduces the run."""
@@ -88,7 +92,7 @@ class RunConfig:
             "data": {"name": self.data.name, **dict(self.data.init_args)},
             "engine": dict(self.engine),
             "post_processing": dict(self.post_processing),
-            "export": {"formats": list(self.export_formats)},
+            "export": {"formats": list(self.export_formats), "precision": self.export_precision},
             "metrics": list(self.metrics),
             "visualizer": self.visualizer,
             "seed": self.seed,
@@ -252,9 +256,16 @@ def resolve_config(data: Mapping[str, Any]) -> RunConfig:
         components[key] = ComponentConfig(name=name, init_args=section)
     export = _section(merged, "export")
     for key in export:
-        if key != "formats":
-            msg = f"unknown config key 'export.{key}'{_closest(key, ['formats'])}"
+        if key not in _EXPORT_KEYS:
+            msg = f"unknown config key 'export.{key}'{_closest(key, list(_EXPORT_KEYS))}"
             raise ConfigError(msg)
+    precision = export.get("precision", "fp32")
+    if precision not in EXPORT_PRECISIONS:
+        msg = (
+            f"config key 'export.precision' must be one of {list(EXPORT_PRECISIONS)!r}, "
+            f"got {precision!r}"
+        )
+        raise ConfigError(msg)
     formats = export.get("formats", [])
     formats = [formats] if isinstance(formats, str) else formats
     metrics = merged["metrics"]
@@ -285,6 +296,7 @@ def resolve_config(data: Mapping[str, Any]) -> RunConfig:
         visualizer=visualizer,
         seed=seed,
         results_dir=Path(results_dir),
+        export_precision=precision,
     )
 
 

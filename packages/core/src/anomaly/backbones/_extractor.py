@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import timm
@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 from anomaly._errors import BackboneWeightsError, ConfigError
+from anomaly.backbones._runtime import (
+    BackboneRuntime,
+    CompiledRunner,
+    OpenVinoRunner,
+    parse_runtime,
+)
 from anomaly.backbones._weights import StateDict, resolve_weights
 
 if TYPE_CHECKING:
@@ -111,6 +117,16 @@ def _truncate(model: nn.Module) -> None:
             model.blocks = blocks[:last_stage]
 
 
+def _tracing() -> bool:
+    """Tell whether torch is tracing (jit, ONNX export, dynamo or torch.export)."""
+    return bool(
+        torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]  # untyped in torch
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    )
+
+
 class FeatureExtractor(nn.Module):
     """Frozen timm backbone that returns the feature maps of chosen levels.
 
@@ -127,15 +143,23 @@ class FeatureExtractor(nn.Module):
             like timm's model; when None, the backbone's registered weight provider is used.
         plugin_manager: Where to look up weight providers; the process-wide one by default.
         trainable: Keep the backbone trainable (train mode follows the parent module and
-            gradients flow); by default it is frozen and always in eval mode.
+            gradients flow); by default it is frozen, always in eval mode and run without
+            autograd.
+        runtime: How the backbone runs (see ``BackboneRuntime``): ``"eager"``,
+            ``"channels_last"``, ``"compile"`` or ``"openvino"``. All give the same features
+            up to float rounding; trainable backbones take only the first two.
+        runtime_threads: CPU threads of the ``"openvino"`` runtime; None leaves OpenVINO's
+            default (every core). Torch runtimes follow ``torch.set_num_threads``.
 
     Attributes:
         strides: Stride of each returned map.
         channels: Channels of each returned map.
         out_indices: timm feature index of each returned map.
+        runtime: The ``BackboneRuntime`` in use.
 
     Raises:
-        ConfigError: For an unknown backbone, stride or index.
+        ConfigError: For an unknown backbone, stride, index or runtime, a runtime a
+            trainable backbone cannot use, or ``"openvino"`` without the openvino package.
         BackboneWeightsError: When ``pretrained`` and no local weights fit the backbone.
     """
 
@@ -149,9 +173,26 @@ class FeatureExtractor(nn.Module):
         pretrained_weights: str | os.PathLike[str] | None = None,
         plugin_manager: PluginManager | None = None,
         trainable: bool = False,
+        runtime: str = "eager",
+        runtime_threads: int | None = None,
     ) -> None:
         super().__init__()
         _check_backbone(backbone)
+        self.runtime = parse_runtime(runtime, trainable=trainable)
+        if runtime_threads is not None and (
+            self.runtime is not BackboneRuntime.OPENVINO
+            or not isinstance(runtime_threads, int)
+            or runtime_threads < 1
+        ):
+            msg = (
+                f"runtime_threads {runtime_threads!r} needs runtime 'openvino' and a positive "
+                f"int; torch runtimes follow torch.set_num_threads"
+            )
+            raise ConfigError(msg)
+        self.runtime_threads = runtime_threads
+        # Lazily built compiled forms of self.model: a plain dict, so they are neither
+        # submodules nor state-dict entries.
+        self._runners: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {}
         try:
             with torch.device("meta"):  # names, strides and channels only: no memory, no init
                 probe = _create(backbone)
@@ -181,6 +222,8 @@ class FeatureExtractor(nn.Module):
         if not trainable:
             self.model.requires_grad_(False)
             self.train(False)
+        if self.runtime is BackboneRuntime.CHANNELS_LAST:
+            self.model.to(memory_format=torch.channels_last)
 
     def _load(self, state: StateDict, ordered: tuple[int, ...]) -> None:
         own = self.model.state_dict()
@@ -247,13 +290,84 @@ class FeatureExtractor(nn.Module):
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Return the feature maps of the chosen levels.
 
+        A frozen backbone runs under ``torch.no_grad()`` (not ``inference_mode``: its maps
+        must stay ordinary tensors that trainable heads and saved buffers can use); inside
+        ``torch.inference_mode()``, as in Lightning's validation and test loops, they are
+        inference tensors like every other result there.
+
         Args:
             image: (B, 3, H, W) float, already normalized as the backbone expects (ImageNet
                 statistics for the built-in weights; see ``imagenet_normalize``).
 
         Returns:
-            One (B, C_i, H / s_i, W / s_i) map per level, in the order of ``strides`` (or
-            ``out_indices``); sizes are rounded up for inputs not divisible by the stride.
+            One (B, C_i, H / s_i, W / s_i) contiguous map per level, in the order of
+            ``strides`` (or ``out_indices``); sizes are rounded up for inputs not divisible by
+            the stride.
+
+        Raises:
+            ConfigError: For runtime ``"openvino"`` with an input that is not on the CPU.
         """
-        features: list[torch.Tensor] = self.model(image)
+        if self.trainable:
+            features = self._run(image)
+        else:
+            with torch.no_grad():
+                features = self._run(image)
         return [features[position] for position in self._order]
+
+    def _run(self, image: torch.Tensor) -> list[torch.Tensor]:
+        runtime = self.runtime
+        if runtime is BackboneRuntime.EAGER or _tracing():
+            # Exporters and torch.compile of a whole model trace plain torch operations.
+            features: list[torch.Tensor] = self.model(image)
+            return features
+        if runtime is BackboneRuntime.CHANNELS_LAST:
+            # Back to the default layout, so callers' .view() and exporters see what eager gives.
+            features = self.model(image.contiguous(memory_format=torch.channels_last))
+            return [feature.contiguous() for feature in features]
+        runner = self._runners.get(runtime.value)
+        if runner is None:
+            if runtime is BackboneRuntime.COMPILE:
+                runner = CompiledRunner(self.model)
+            else:
+                self._check_cpu(image.device)
+                runner = OpenVinoRunner(self.model, image, self.runtime_threads)
+            self._runners[runtime.value] = runner
+        elif runtime is BackboneRuntime.OPENVINO:
+            self._check_cpu(image.device)
+        return runner(image)
+
+    def _check_cpu(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            msg = (
+                f"backbone runtime 'openvino' runs on the CPU only, but got a tensor or module "
+                f"on {str(device)!r}; keep the model on the CPU or use runtime 'eager'"
+            )
+            raise ConfigError(msg)
+
+    def _weights_key(self) -> list[tuple[int, torch.dtype, torch.device]]:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return [(tensor.data_ptr(), tensor.dtype, tensor.device) for tensor in tensors]
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> FeatureExtractor:
+        # .to(), .cuda(), .double() and friends: compiled forms hold the old weights. Lightning
+        # moves the model to its device before every fit and test; a move that changes nothing
+        # keeps them.
+        before = self._weights_key()
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # unannotated in torch
+        if self._weights_key() != before:
+            self._runners.clear()
+        weight = next(self.model.parameters(), None)
+        if self.runtime is BackboneRuntime.OPENVINO and weight is not None:
+            self._check_cpu(weight.device)
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # New weights: compiled forms made from the old ones are stale.
+        self._runners.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Compiled forms are caches that cannot be pickled or deep-copied; they are rebuilt.
+        state = dict(self.__dict__)
+        state["_runners"] = {}
+        return state

@@ -140,6 +140,7 @@ class PadimNet(nn.Module):
         sigma: Gaussian smoothing of the anomaly map, in input pixels; 0 turns it off.
         seed: Seed of the channel selection.
         plugin_manager: Where to look up backbone weight providers.
+        backbone_runtime: How the frozen backbone runs (``FeatureExtractor``'s ``runtime``).
     """
 
     channel_index: torch.Tensor
@@ -158,6 +159,7 @@ class PadimNet(nn.Module):
         sigma: float = 4.0,
         seed: int = 0,
         plugin_manager: PluginManager | None = None,
+        backbone_runtime: str = "eager",
     ) -> None:
         super().__init__()
         self.feature_extractor = FeatureExtractor(
@@ -167,6 +169,7 @@ class PadimNet(nn.Module):
             pretrained=pretrained,
             pretrained_weights=pretrained_weights,
             plugin_manager=plugin_manager,
+            runtime=backbone_runtime,
         )
         channels = sum(self.feature_extractor.channels)
         if n_features is not None and not 1 <= n_features <= channels:
