@@ -653,6 +653,11 @@ def _cell(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def _ratio_cell(value: float | None) -> str:
+    # Three significant digits: a coreset ratio can be 0.0015.
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One line per run; the ratio columns are ours over Anomalib's for the same model."""
     titles = {key: title for key, title, _ in COLUMNS}
@@ -669,7 +674,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                 row["library"],
                 model,
                 *(_cell(row.get(key), digits) for key, _, digits in COLUMNS),
-                *(_cell(ratios.get(key), 2) for key in RATIOS),
+                *(_ratio_cell(ratios.get(key)) for key in RATIOS),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -807,6 +812,8 @@ def merge(paths: Sequence[Path], output: Path | None) -> None:
     print(f"{title}\n\n{table}")
     if output is not None:
         merged = {**first, "title": title, "merged_from": [str(p) for p in paths]}
+        weights = [report["config"]["weights"] for report in reports]
+        merged["config"] = {**first["config"], "weights": next(filter(None, weights), None)}
         merged |= {"rows": rows, "table": table}
         output.write_text(json.dumps(merged, indent=2) + "\n")
 
