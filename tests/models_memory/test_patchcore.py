@@ -146,6 +146,7 @@ def test_bank_size_follows_coreset_ratio(
     patches = textures["train"].shape[0] * 8 * 8  # 64 px at stride 8
     assert model.model.memory_bank.shape == (math.ceil(0.1 * patches), 40 + 112)
     assert model.model.memory_bank.dtype == torch.float32
+    assert model.coreset_seconds > 0
 
 
 def test_any_image_size_is_scored(model: Patchcore) -> None:

@@ -425,6 +425,7 @@ class CoresetBuilder:
     Attributes:
         kept_indices: After ``finish``, the (M,) int64 indices of the kept rows in the order
             they were added (None when ``finish`` gathered rows of other processes).
+        seconds: Time spent selecting so far (partitions reduced while rows arrive included).
     """
 
     def __init__(
@@ -461,7 +462,7 @@ class CoresetBuilder:
         self.kept_indices: torch.Tensor | None = None
         self.rows_seen = 0
         self.partitions = 0
-        self.reduce_seconds = 0.0
+        self.seconds = 0.0  # spent selecting, partitions included
         # exact: every row. approximate: the rows kept so far (and their indices), plus the
         # partition being filled, reduced when the next row arrives or at the end, so that the
         # last partition knows it is the last (it rounds the total up).
@@ -552,6 +553,7 @@ class CoresetBuilder:
         began = time.perf_counter()
         indices = greedy_select(points, size, start, progress=self.progress, copy=False)
         seconds = time.perf_counter() - began
+        self.seconds += seconds
         logger.info(
             "PatchCore coreset (exact): %d rows in %.1f s (%.0f steps/s)",
             indices.numel(),
@@ -590,7 +592,7 @@ class CoresetBuilder:
         self.store.append(rows[chosen])
         self._kept.append(chosen + (self.rows_seen - size))
         self.partitions += 1
-        self.reduce_seconds += time.perf_counter() - began
+        self.seconds += time.perf_counter() - began
         logger.debug("coreset partition %d: kept %d of %d rows", self.partitions, share, size)
         if self.progress is not None:
             self.progress(PHASE, len(self.store), None)
@@ -618,7 +620,7 @@ class CoresetBuilder:
             self.rows_seen,
             self.partitions,
             self.block_size,
-            self.reduce_seconds,
+            self.seconds,
         )
         if len(store) > cap:
             # The union of the partitions' coresets is larger than the bank may be: a coreset

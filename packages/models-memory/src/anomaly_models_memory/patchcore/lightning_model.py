@@ -84,6 +84,8 @@ class Patchcore(AnomalyModule):
         progress: ``progress(phase, done, total)`` callable that follows the coreset
             selection (phase ``"coreset"``); when None, the one of an ``anomaly.Engine``
             running the fit is used if there is one.
+        coreset_seconds: Time the last fit spent selecting the coreset (in approximate mode
+            mostly while embeddings were collected).
     """
 
     learning_type: ClassVar[LearningType] = LearningType.ONE_CLASS
@@ -156,6 +158,7 @@ class Patchcore(AnomalyModule):
         self.coreset_threads = coreset_threads
         self.seed = seed
         self.progress: ProgressCallback | None = None
+        self.coreset_seconds = 0.0
         self.model = PatchcoreNet(
             backbone,
             strides,
@@ -240,6 +243,7 @@ class Patchcore(AnomalyModule):
                 return gather_rows(rows.to(device)).cpu()
 
         bank = builder.finish(gather)
+        self.coreset_seconds = builder.seconds
         self.model.set_memory_bank(bank.to(self.device))
         logger.info(
             "PatchCore memory bank: %d of %d patch embeddings (%d dimensions, %s, %s)",
