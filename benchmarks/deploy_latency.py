@@ -9,8 +9,13 @@ peak RSS is its own:
   exports (``anomaly_deploy.export.InferenceGraph``); also with a channels_last backbone;
 - torch .pt2: the ``torch.export`` program;
 - ONNX Runtime (CPU);
-- OpenVINO FP32 (float32 arithmetic), FP32 at the CPU's default precision (bf16 where the
-  CPU has it), FP16 and INT8 (default precision).
+- OpenVINO FP32, FP16 and INT8 with float32 arithmetic (what ``OpenVINOInferencer`` uses by
+  default), and FP32 and INT8 at the CPU's default precision (bf16 where the CPU has it).
+
+Runtimes run with idle threads that sleep (``OMP_WAIT_POLICY=PASSIVE``, no ONNX Runtime
+spinning): on a machine busy with other work, spinning OpenMP threads made torch up to 20
+times slower, which measures the contention rather than the runtime. ``--spin`` keeps the
+defaults, for an otherwise idle machine.
 
 Reported: latency p50 and p95 per batch of 1 and of 8 images, throughput (images/s at batch
 8), peak RSS, throughput relative to torch eager, and agreement with torch eager (largest
@@ -91,7 +96,10 @@ def _load_runner(job: dict[str, Any]) -> Any:
     if kind == "onnxruntime":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(job["path"], providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if job.get("passive"):
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(job["path"], options, providers=["CPUExecutionProvider"])
 
         def run_ort(batch: np.ndarray) -> list[np.ndarray]:
             return list(session.run(None, {"image": batch}))
@@ -167,15 +175,28 @@ def _worker(job_file: str) -> None:
     if job.get("scores"):
         outputs = [run(images[i : i + 8]) for i in range(0, len(images), 8)]
         result["pred_score"] = np.concatenate([out[0] for out in outputs]).tolist()
-    # ru_maxrss is in KiB on Linux.
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = _peak_rss_mib()
     print(json.dumps(result))
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process (VmHWM): unlike ru_maxrss, not inherited at fork."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _run_job(job: dict[str, Any], folder: Path, timeout: float = 1800) -> dict[str, Any]:
     job_file = folder / f"job-{job['label'].replace(' ', '_').replace('/', '_')}.json"
     job_file.write_text(json.dumps(job))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if job.get("passive"):
+        # Threads that sleep when idle: spinning OpenMP threads of torch lose up to 20x on a
+        # machine busy with other work, which would measure the contention, not the runtime.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     done = subprocess.run(
         [sys.executable, __file__, "--worker", str(job_file)],
         capture_output=True,
@@ -369,6 +390,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="timed batches per size")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "deploy_benchmark")
     parser.add_argument("--refit", action="store_true", help="fit again even if saved")
+    parser.add_argument(
+        "--spin",
+        action="store_true",
+        help="keep the runtimes' spinning idle threads (faster on an otherwise idle machine)",
+    )
     args = parser.parse_args()
     if args.worker:
         _worker(args.worker)
@@ -381,7 +407,12 @@ def main() -> None:
         f"## Deploy latency: {args.category}, {args.image_size} px, "
         f"{os.cpu_count()} CPUs (shared machine: contended timings)\n"
     ]
-    common = {"warmup": 3, "repeats": args.repeats, "batch_sizes": [1, 8]}
+    common = {
+        "warmup": 3,
+        "repeats": args.repeats,
+        "batch_sizes": [1, 8],
+        "passive": not args.spin,
+    }
     for name in args.models.split(","):
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -402,13 +433,11 @@ def main() -> None:
         ]
         for precision in ("fp32", "fp16", "int8"):
             xml = str(exports[f"openvino-{precision}"] / "model.xml")
-            if precision == "fp32":
-                jobs.append(
-                    ("openvino fp32 (f32 math)", {"kind": "openvino", "path": xml, "hint": "f32"})
-                )
-            jobs.append(
-                (f"openvino {precision} (CPU default math)", {"kind": "openvino", "path": xml})
-            )
+            f32 = {"kind": "openvino", "path": xml, "hint": "f32"}
+            jobs.append((f"openvino {precision} (f32 math)", f32))
+            if precision != "fp16":
+                default = {"kind": "openvino", "path": xml}
+                jobs.append((f"openvino {precision} (CPU default math)", default))
         results: dict[str, dict[str, Any]] = {}
         for label, job in jobs:
             print(f"  timing {name}: {label}", file=sys.stderr)
@@ -497,6 +526,7 @@ def main() -> None:
         for label, job in resize_jobs:
             job = {
                 **job,
+                "passive": not args.spin,
                 "warmup": 2,
                 "repeats": max(5, args.repeats // 3),
                 "batch_sizes": [1],

@@ -102,7 +102,10 @@ def test_run_checks_export_precision_against_each_format_before_training():
         _export_options(pm, "checkpoint", "fp16")
 
 
-def test_run_with_an_impossible_export_precision_fails_before_fitting(tmp_path, capsys):
+def test_run_with_an_impossible_export_precision_fails_before_any_work(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("ANOMALY_CACHE_DIR", str(tmp_path / "cache"))
     results = tmp_path / "results"
     code = main(
         [
@@ -119,3 +122,4 @@ def test_run_with_an_impossible_export_precision_fails_before_fitting(tmp_path, 
     assert code == 1
     assert "'torch' writes precision ['fp32']" in captured.err.replace("\n", " ")
     assert not results.exists()
+    assert not (tmp_path / "cache").exists()  # failed before the demo data was even made

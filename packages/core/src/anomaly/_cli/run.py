@@ -89,12 +89,12 @@ def run(ctx: click.Context, configs: tuple[str, ...], as_json: bool) -> None:
     """
     config = load_run_config(configs, ctx.args)
     pm = get_plugin_manager()
-    model, datamodule = prepare(config, pm)
-    assert model is not None
-    assert datamodule is not None
     export_options = {
         fmt: _export_options(pm, fmt, config.export_precision) for fmt in config.export_formats
     }
+    model, datamodule = prepare(config, pm)
+    assert model is not None
+    assert datamodule is not None
     quiet = bool(ctx.find_root().obj.get("quiet")) if ctx.find_root().obj else False
     if not as_json:
         err_console.print(splits_table(datamodule.summaries))

@@ -147,6 +147,7 @@ def metadata(
         tools: Distributions that wrote or checked the model file; their versions are recorded.
     """
     data = export_metadata(model, name, fmt, model_file)
+    data["input"]["resize"] = "bilinear, antialiased, inside the graph"
     data["precision"] = precision
     data["inputs"] = {"image": INPUTS_DESCRIPTION}
     data["outputs"] = list(OUTPUT_NAMES)

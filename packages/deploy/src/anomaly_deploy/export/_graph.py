@@ -290,17 +290,21 @@ class _ShapeLog(logging.Handler):
 
 @contextlib.contextmanager
 def _shape_log() -> Iterator[_ShapeLog]:
-    """Capture the shape engine's INFO records without letting them reach the console."""
+    """Capture the shape engine's INFO records without letting them reach the console.
+
+    torch gives that logger its own stderr handler; it is set aside while the level is
+    lowered, and everything is put back afterwards.
+    """
     handler = _ShapeLog()
     shape_logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    level, propagate = shape_logger.level, shape_logger.propagate
-    shape_logger.addHandler(handler)
+    level, propagate, handlers = shape_logger.level, shape_logger.propagate, shape_logger.handlers
+    shape_logger.handlers = [handler]
     shape_logger.setLevel(logging.INFO)
     shape_logger.propagate = False
     try:
         yield handler
     finally:
-        shape_logger.removeHandler(handler)
+        shape_logger.handlers = handlers
         shape_logger.setLevel(level)
         shape_logger.propagate = propagate
 
@@ -340,11 +344,16 @@ _LIBRARIES = re.compile(r"(^|[\\/])(torch|functorch|onnxscript|onnx_ir|openvino)
 
 
 def _is_user_file(path: str) -> bool:
-    """Tell whether ``path`` (as torch logs it: absolute, or relative to the working directory
-    or to torch's own folder) is model code rather than torch or a converter."""
+    """Tell whether ``path`` is model code rather than torch or a converter.
+
+    torch logs paths absolute, relative to the working directory, or relative to its own
+    folder; only files that exist from here and lie outside those libraries count.
+    """
     if _LIBRARIES.search(path):
         return False
     return any(Path(candidate).is_file() for candidate in (path, Path.cwd() / path))
+
+
 _FRAME_PATTERNS = (
     re.compile(r'File "([^"]+)", line (\d+), in ([\w<>]+)'),
     re.compile(r"\(([^()\s]+\.py):(\d+) in ([\w<>]+)\)"),

@@ -27,9 +27,10 @@ Deliberate differences from the paper:
   the paper's layout.
 - Patch features are scaled by ``1 / channels`` before the descriptor (``feature_scale``).
   Squared distances between raw features are in the hundreds, where the paper's fixed
-  ``r = 1e-5`` and ``alpha = 0.1`` mean nothing; after scaling they are of order 0.01. In
-  the same MTD setting the scaled features reached image / pixel AUROC 0.68 / 0.74, the raw
-  ones fell from 0.65 to 0.60 / 0.73 as training went on.
+  ``r = 1e-5`` and ``alpha = 0.1`` mean nothing; after scaling they are of order 0.01. On
+  MTD at 256 px (64 training images, all 583 test images, 30 epochs) the scaled features
+  gave image AUROC 0.784, pixel AUROC 0.740 and AUPRO 0.633; raw ones (``feature_scale=1``)
+  gave 0.713, 0.730 and 0.576.
 - The radius ``r`` starts at 1e-5 and is trained with the descriptor by default
   (``learn_radius=True``), a soft boundary as in Deep SVDD's soft-boundary objective: with
   ``r`` fixed at 1e-5 and ``alpha = 0.1`` the repulsion term ``max(0, r^2 - D - alpha)`` is
