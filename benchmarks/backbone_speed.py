@@ -37,15 +37,32 @@ def _load() -> str:
     return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
+def _threads(threads: int | None, runtime: str) -> int | None:
+    """Apply ``threads`` to torch; return what the OpenVINO runtime should use."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads if runtime == "openvino" else None
+
+
 def measure_backbone(
-    backbone: str, runtime: str, batch: int, size: int, repeats: int, seconds: float
+    backbone: str,
+    runtime: str,
+    batch: int,
+    size: int,
+    repeats: int,
+    seconds: float,
+    threads: int | None,
 ) -> dict[str, Any]:
     """Return the images/s of one backbone, runtime and batch size (in this process)."""
     import torch
 
     from anomaly.backbones import FeatureExtractor
 
-    extractor = FeatureExtractor(backbone, (4, 8, 16), runtime=runtime)
+    extractor = FeatureExtractor(
+        backbone, (4, 8, 16), runtime=runtime, runtime_threads=_threads(threads, runtime)
+    )
     image = torch.rand(batch, 3, size, size)
     start = time.perf_counter()
     extractor(image)  # builds the compiled / converted model
@@ -80,7 +97,13 @@ def measure_backbone(
 
 
 def measure_padim(
-    runtime: str, root: str | Path, size: int, n_train: int, n_test: int, batch: int
+    runtime: str,
+    root: str | Path,
+    size: int,
+    n_train: int,
+    n_test: int,
+    batch: int,
+    threads: int | None,
 ) -> dict[str, Any]:
     """Fit PaDiM on ``n_train`` good MTD images and score ``n_test`` others (this process)."""
     import numpy as np
@@ -114,6 +137,7 @@ def measure_padim(
     torch.manual_seed(0)
     model = Padim(backbone_runtime=runtime).eval()
     extractor = model.model.feature_extractor
+    extractor.runtime_threads = _threads(threads, runtime)  # read when OpenVINO is built
     forward = extractor.forward
     backbone_s = [0.0]
 
@@ -178,6 +202,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median counts")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one timed run")
     parser.add_argument("--timeout", type=float, default=900.0, help="per measurement")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of torch and OpenVINO (default: their own defaults, every core); "
+        "1 gives steadier figures on a busy machine, where torch's 2-thread OpenMP stalls",
+    )
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="MTD folder")
     parser.add_argument("--train", type=int, default=100, help="PaDiM training images")
     parser.add_argument("--test", type=int, default=100, help="PaDiM test images")
@@ -193,7 +224,8 @@ def main() -> None:
     backbones = args.backbone or list(BACKBONES)
     runtimes = args.runtime or list(RUNTIMES)
     batch_sizes = args.batch or [1, 8]
-    print(f"cpu cores: {os.cpu_count()}, load average at start: {_load()}")
+    threads = args.threads or "default (every core)"
+    print(f"cpu cores: {os.cpu_count()}, threads: {threads}, load average at start: {_load()}")
     rows: list[dict[str, Any]] = []
     if not args.skip_backbones:
         print(f"\n## Backbone features, {args.size} px, strides 4/8/16 (images/s, median)\n")
@@ -210,6 +242,7 @@ def main() -> None:
                         "size": args.size,
                         "repeats": args.repeats,
                         "seconds": args.seconds,
+                        "threads": args.threads,
                     }
                     row = _child("backbone", options, args.timeout)
                     if row is None:
@@ -243,6 +276,7 @@ def main() -> None:
                 "n_train": args.train,
                 "n_test": args.test,
                 "batch": 8,
+                "threads": args.threads,
             }
             row = _child("padim", options, args.timeout)
             if row is None:

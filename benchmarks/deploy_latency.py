@@ -74,7 +74,7 @@ def _load_runner(job: dict[str, Any]) -> Any:
             rebuilt.input_size = model.input_size
             model = rebuilt.eval()
         if kind == "torch-eager-tiny-bank":
-            net = model.model
+            net: Any = model.model
             net.set_memory_bank(net.memory_bank[: max(1, net.num_neighbors)].clone())
         graph = InferenceGraph(model).eval()
 
@@ -119,23 +119,26 @@ def _load_runner(job: dict[str, Any]) -> Any:
             return [np.array(results[port]) for port in compiled.outputs]
 
         return run_ov
-    if kind in {"backbone-torch", "backbone-openvino"}:
+    if kind == "backbone-torch":
         import torch
 
         from anomaly.backbones import FeatureExtractor, imagenet_normalize
 
         extractor = FeatureExtractor("efficientnet_lite0", (8, 16)).eval()
-        if kind == "backbone-torch":
 
-            def run_backbone(batch: np.ndarray) -> list[np.ndarray]:
-                with torch.inference_mode():
-                    features = extractor(imagenet_normalize(torch.from_numpy(batch)))
-                return [feature.numpy() for feature in features]
+        def run_backbone(batch: np.ndarray) -> list[np.ndarray]:
+            with torch.inference_mode():
+                features = extractor(imagenet_normalize(torch.from_numpy(batch)))
+            return [feature.numpy() for feature in features]
 
-            return run_backbone
+        return run_backbone
+    if kind == "backbone-openvino":
         import openvino as ov
 
-        compiled = ov.Core().compile_model(job["path"], "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+        settings = {"PERFORMANCE_HINT": "LATENCY"}
+        if job.get("hint"):
+            settings["INFERENCE_PRECISION_HINT"] = job["hint"]
+        compiled = ov.Core().compile_model(job["path"], "CPU", settings)
         request = compiled.create_infer_request()
 
         def run_backbone_ov(batch: np.ndarray) -> list[np.ndarray]:
@@ -321,7 +324,7 @@ def _images(data: Any, count: int, size: tuple[int, int], folder: Path, name: st
     """Save ``count`` test images, resized to ``size``, as one (N, 3, H, W) float32 file."""
     from anomaly.io import image_to_tensor, read_image
 
-    samples = data.test_data.samples  # type: ignore[union-attr]
+    samples = data.test_data.samples
     # Evenly spaced over the test split, so every defect type and good images are in.
     chosen = np.unique(np.linspace(0, len(samples) - 1, min(count, len(samples))).round())
     paths = [samples[int(index)].image_path for index in chosen]
@@ -548,6 +551,7 @@ def main() -> None:
     backbone: dict[str, dict[str, Any]] = {}
     for label, job in (
         ("torch eager", {"kind": "backbone-torch"}),
+        ("openvino (f32 math)", {"kind": "backbone-openvino", "path": str(ir), "hint": "f32"}),
         ("openvino (CPU default math)", {"kind": "backbone-openvino", "path": str(ir)}),
     ):
         job = {**common, **job, "label": f"backbone {label}", "images": str(images)}

@@ -43,7 +43,10 @@ def datamodule(root: Path) -> Any:
 
 # Only the stride-4 and stride-8 levels: the backbone is cut after them, which halves the
 # graph every exporter traces (export time grows with the number of operations).
-SHALLOW = {"padim": {"strides": [4, 8], "n_features": 48}, "patchcore": {"strides": [8]}}
+SHALLOW: dict[str, dict[str, Any]] = {
+    "padim": {"strides": [4, 8], "n_features": 48},
+    "patchcore": {"strides": [8]},
+}
 
 
 def fit(name: str, data: Any, **options: Any) -> Any:

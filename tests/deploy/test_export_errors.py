@@ -148,7 +148,9 @@ def test_the_portable_resize_equals_torchs_antialiased_resize():
         expected = torch.nn.functional.interpolate(
             image, size=size, mode="bilinear", antialias=True, align_corners=False
         )
-        assert torch.allclose(resize_bilinear_antialias(image, size), expected, atol=1e-6)
+        for gather in (True, False):
+            resized = resize_bilinear_antialias(image, size, gather=gather)
+            assert torch.allclose(resized, expected, atol=1e-6)
 
 
 def test_calibration_images_come_from_folders_loaders_and_tensors(tmp_path):

@@ -107,17 +107,23 @@ class InferenceGraph(nn.Module):
             (map >= 0.5); 0.5 is the learned threshold after normalization.
         """
         height, width = image.shape[-2:]
-        raw_score, raw_map = self.model(self._resize(image, self.input_size))
+        # Images usually shrink to the model's size, maps grow back: the portable resize
+        # uses the form that is faster for each (both exact either way).
+        raw_score, raw_map = self.model(self._resize(image, self.input_size, shrinking=True))
         score = normalize(raw_score, self.image_threshold, self.image_min, self.image_max)
         anomaly_map = normalize(raw_map, self.pixel_threshold, self.pixel_min, self.pixel_max)
-        # Normalizing before resizing matches the model's own predictions at its input size;
-        # interpolation weights are non-negative and sum to one, so the map stays in [0, 1].
-        anomaly_map = self._resize(anomaly_map.unsqueeze(1), (height, width)).squeeze(1)
+        # Normalizing before resizing matches the model's own predictions at its input size.
+        # Interpolation weights are non-negative and sum to one, so only float rounding can
+        # step outside [0, 1]; the clamp keeps the contract exact.
+        anomaly_map = self._resize(anomaly_map.unsqueeze(1), (height, width), shrinking=False)
+        anomaly_map = anomaly_map.squeeze(1).clamp(0.0, 1.0)
         return score, score >= 0.5, anomaly_map, anomaly_map >= 0.5
 
-    def _resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _resize(
+        self, image: torch.Tensor, size: tuple[int, int], *, shrinking: bool
+    ) -> torch.Tensor:
         if self.portable_resize:
-            return resize_bilinear_antialias(image, size)
+            return resize_bilinear_antialias(image, size, gather=shrinking)
         return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
@@ -157,7 +163,21 @@ def _resize_rows(image: torch.Tensor, out_length: int) -> torch.Tensor:
     return (weight.unsqueeze(1) @ rows).squeeze(3)  # (out, 1, taps) @ (..., out, taps, M)
 
 
-def resize_bilinear_antialias(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize_matrix(in_length: int, out_length: int, like: torch.Tensor) -> torch.Tensor:
+    """Return the dense (out_length, in_length) matrix of the filter along one axis."""
+    length = torch.ones(1, dtype=torch.float32, device=like.device) * in_length
+    scale = length / out_length
+    support = scale.clamp(min=1.0)
+    center = (torch.arange(out_length, dtype=torch.float32, device=like.device) + 0.5) * scale
+    position = torch.arange(in_length, dtype=torch.float32, device=like.device) + 0.5
+    distance = (position.unsqueeze(0) - center.unsqueeze(1)) / support
+    weight = torch.clamp(1.0 - torch.abs(distance), min=0.0)
+    return (weight / weight.sum(dim=1, keepdim=True)).to(like.dtype)
+
+
+def resize_bilinear_antialias(
+    image: torch.Tensor, size: tuple[int, int], *, gather: bool = True
+) -> torch.Tensor:
     """Resize like ``F.interpolate(mode="bilinear", antialias=True)``, with portable operations.
 
     The result equals torch's (and Pillow's float) antialiased bilinear resize up to float
@@ -167,11 +187,19 @@ def resize_bilinear_antialias(image: torch.Tensor, size: tuple[int, int]) -> tor
     Args:
         image: (N, C, H, W) float.
         size: ``(height, width)`` of the result.
+        gather: Gather each output's few input rows and weight them (cost grows with the
+            input only: fast for shrinking large images); False multiplies by dense filter
+            matrices (cost grows with input times output: fast for enlarging and for small
+            images). Both give the same numbers.
 
     Returns:
         (N, C, height, width).
     """
     height, width = size
+    if not gather:
+        rows = _resize_matrix(image.shape[2], height, image)  # (height, H)
+        columns = _resize_matrix(image.shape[3], width, image)  # (width, W)
+        return rows @ image @ columns.T
     resized = _resize_rows(image, height)
     return _resize_rows(resized.transpose(2, 3), width).transpose(2, 3)
 
