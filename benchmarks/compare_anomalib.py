@@ -20,7 +20,7 @@ Both sides:
 - fit through their own Engine (one pass over the training images, the memory bank or the
   Gaussians built at the end of the epoch, then one validation pass over the test images) and
   predict the test images through their Engine, in a child process of their own so that peak
-  RSS is that run's alone (the kernel's ``wait4`` figure for the child).
+  RSS is that run's alone (the child's own ``VmHWM``).
 
 Each run writes raw image scores and anomaly maps (at the image size) to an ``.npz``; this
 process computes image AUROC, pixel AUROC and AUPRO for every run with ``anomaly.metrics``
@@ -35,13 +35,21 @@ the Gaussians (PaDiM) are built; ``bank s`` is that last step alone (coreset sel
 PatchCore); ``test img/s`` is test images over the wall time of the Engine's predict call,
 image loading included. The ``CPU s`` columns are the process's CPU time (all threads) over
 the same spans: on a shared machine they move much less than wall time. Peak RSS is the
-child's maximum resident memory. Ratios are ours over Anomalib's for the same model.
+child's maximum resident memory, read from its ``VmHWM`` at the end (``ru_maxrss`` from
+``wait4`` would also count the parent's memory at the fork, which Linux keeps across exec).
+``fit+test MiB`` is that peak less the resident memory just before fitting (interpreter,
+imports, model and data set up): what fitting and testing added, since the libraries and
+torch's CUDA build alone take 800-1000 MiB before any work.
+Ratios are ours over Anomalib's for the same model.
 
-Every run gets ``MALLOC_MMAP_THRESHOLD_`` (1 MiB, ``--malloc-mmap-threshold``): Anomalib's
+Anomalib's runs get ``MALLOC_MMAP_THRESHOLD_`` (1 MiB, ``--malloc-mmap-threshold``): its
 greedy coreset allocates and frees one (patches x dimensions) tensor per selected patch, and
 with glibc's self-adjusting threshold those blocks came from the heap and were never reused:
 resident memory grew by about that tensor per step (17 GB after 1000 steps of a 20-image
-fit) until the kernel killed the process. A fixed threshold returns them to the system.
+fit) until the kernel killed the process. A fixed threshold returns them to the system, at a
+price: every allocation above it is mapped and zeroed anew, which made torch's backbone two
+to three times slower on this CPU. Our runs keep glibc's defaults unless
+``--malloc-everywhere`` gives them the same setting.
 A run is also killed past ``--max-rss-gib`` or ``--timeout``; its row then shows the error.
 
     python benchmarks/compare_anomalib.py --train-limit 20 --test-limit 60      # quick check
@@ -54,7 +62,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -96,6 +103,7 @@ OURS_CONFIG: dict[str, dict[str, Any]] = {
     },
     "padim": {"backbone": BACKBONE, "strides": [4, 8, 16], "n_features": 100, "sigma": 4.0},
 }
+MODES = ("exact", "approximate")  # our PatchCore's coreset modes
 ANOMALIB_LAYERS = {
     "patchcore": ["blocks.2", "blocks.4"],
     "padim": ["blocks.1", "blocks.2", "blocks.4"],
@@ -358,8 +366,9 @@ def run_child(
 ) -> ChildResult:
     """Run ``command`` with output to ``log``; return its exit code, CPU time and peak RSS.
 
-    ``os.wait4`` reports the resources of exactly this child (and what it waited for), so the
-    peak RSS of one run is not mixed with any other. The child is killed when it runs past
+    ``os.wait4`` reports the CPU time of exactly this child (and what it waited for); its
+    ``ru_maxrss`` also counts the parent's resident memory at the fork, so the children report
+    their own ``VmHWM`` instead. The child is killed when it runs past
     ``timeout`` seconds or its resident memory passes ``max_rss_gib`` (the machine is shared:
     better one failed run than the kernel's OOM killer choosing a process).
     """
@@ -396,6 +405,21 @@ def run_child(
         peak_rss_mib=usage.ru_maxrss / 1024,  # KiB on Linux
         stopped=stopped,
     )
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process now (imports, model and data set up)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this program (VmHWM: since its exec, unlike ``ru_maxrss``)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return math.nan
 
 
 def ours_worker(job_file: Path) -> None:
@@ -464,6 +488,7 @@ def ours_worker(job_file: Path) -> None:
     model.fit_end = timed_fit_end
     collector = Collector()
     engine = Engine(plugin_manager=pm, accelerator="cpu", devices=1, callbacks=[collector])
+    rss_before_fit = _rss_mib()
     fit_start = time.perf_counter()
     fit_cpu_start = time.process_time()
     fitted = engine.fit(model, data)
@@ -489,6 +514,8 @@ def ours_worker(job_file: Path) -> None:
     memory_bank = getattr(model.model, "memory_bank", None)
     result = {
         "library": "ours",
+        "rss_before_fit_mib": rss_before_fit,
+        "peak_rss_mib": _peak_rss_mib(),
         "model": job["model"],
         "options": job["options"],
         "strides": list(model.model.feature_extractor.strides),
@@ -521,25 +548,25 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def ours_runs(models: Sequence[str]) -> list[Run]:
-    """Our runs: PatchCore with exact and approximate coreset selection, and PaDiM."""
+def ours_runs(
+    models: Sequence[str], backbone_runtime: str = "eager", modes: Sequence[str] = MODES
+) -> list[Run]:
+    """Our runs: PatchCore with each coreset mode of ``modes``, and PaDiM.
+
+    A backbone runtime other than eager is named in the variant (``approximate+openvino``).
+    """
+    suffix = "" if backbone_runtime == "eager" else backbone_runtime
     runs = []
     for name in models:
         options = dict(OURS_CONFIG[name])
+        if suffix:
+            options["backbone_runtime"] = backbone_runtime
         if name != "patchcore":
-            runs.append(Run("ours", name, "", options))
+            runs.append(Run("ours", name, suffix, options))
             continue
-        from anomaly_models_memory import Patchcore
-
-        parameters = inspect.signature(Patchcore).parameters
-        if "coreset_mode" in parameters:
-            for mode in ("exact", "approximate"):
-                runs.append(Run("ours", name, mode, {**options, "coreset_mode": mode}))
-        else:
-            # Greedy selection is exact when one block holds every patch.
-            exact = {**options, "coreset_block_size": 2**31 - 1}
-            runs.append(Run("ours", name, "exact", exact))
-            runs.append(Run("ours", name, "approximate", options))
+        for mode in modes:
+            variant = f"{mode}+{suffix}" if suffix else mode
+            runs.append(Run("ours", name, variant, {**options, "coreset_mode": mode}))
     return runs
 
 
@@ -569,7 +596,7 @@ def execute(
         "result": str(folder / "result.json"),
     }
     env = dict(os.environ, TQDM_DISABLE="1")
-    if args.malloc_mmap_threshold > 0:
+    if args.malloc_mmap_threshold > 0 and (run.library == "anomalib" or args.malloc_everywhere):
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     if run.library == "anomalib":
         assert weights is not None
@@ -606,6 +633,7 @@ def execute(
         _say(f"{run.label} {row['error']}")
         return row
     row |= json.loads((folder / "result.json").read_text())
+    row["working_mib"] = row["peak_rss_mib"] - row["rss_before_fit_mib"]
     row["test_images_per_second"] = row["test_images"] / row["test_seconds"]
     row["test_images_per_cpu_second"] = row["test_images"] / row["test_cpu_seconds"]
     _say(f"{run.label}: fit {row['fit_seconds']:.1f} s, wall {child.seconds:.0f} s")
@@ -624,6 +652,7 @@ COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("test_images_per_second", "test img/s", 2),
     ("test_images_per_cpu_second", "test img/CPU s", 2),
     ("peak_rss_mib", "peak RSS MiB", 0),
+    ("working_mib", "fit+test MiB", 0),
 )
 RATIOS = (
     "fit_seconds",
@@ -632,6 +661,7 @@ RATIOS = (
     "test_images_per_second",
     "test_images_per_cpu_second",
     "peak_rss_mib",
+    "working_mib",
 )
 
 
@@ -714,10 +744,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--max-rss-gib", type=float, default=12.0, help="kill a run whose memory passes this"
     )
     parser.add_argument(
+        "--malloc-everywhere",
+        action="store_true",
+        help="give our runs Anomalib's MALLOC_MMAP_THRESHOLD_ too",
+    )
+    parser.add_argument(
         "--malloc-mmap-threshold",
         type=int,
         default=2**20,
-        help="glibc MALLOC_MMAP_THRESHOLD_ of every run, in bytes; 0 leaves glibc's default",
+        help="glibc MALLOC_MMAP_THRESHOLD_ of Anomalib's runs, in bytes; 0: glibc's default",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="our coreset modes"
+    )
+    parser.add_argument(
+        "--backbone-runtime",
+        choices=["eager", "channels_last", "compile", "openvino"],
+        default="eager",
+        help="how our frozen backbone runs (same features within float rounding)",
     )
     parser.add_argument("--skip-anomalib", action="store_true", help="run ours only")
     parser.add_argument("--skip-ours", action="store_true", help="run Anomalib's only")
@@ -777,6 +821,7 @@ def summarize(
             "train_limit": args.train_limit,
             "test_limit": args.test_limit,
             "malloc_mmap_threshold": args.malloc_mmap_threshold,
+            "malloc_everywhere": args.malloc_everywhere,
             "ours": {name: OURS_CONFIG[name] for name in args.models},
             "anomalib": {
                 name: {"layers": ANOMALIB_LAYERS[name], **ANOMALIB_OPTIONS[name]}
@@ -830,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         msg = "--skip-ours and --skip-anomalib leave nothing to run; drop one"
         raise SystemExit(msg)
 
-    runs = [] if args.skip_ours else ours_runs(args.models)
+    runs = [] if args.skip_ours else ours_runs(args.models, args.backbone_runtime, args.modes)
     if not args.skip_anomalib:
         runs += anomalib_runs(args.models)
     started = time.time()

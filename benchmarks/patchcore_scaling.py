@@ -42,8 +42,13 @@ DEFAULT_MODEL = "anomaly_models_memory.patchcore:Patchcore"
 
 
 def _peak_rss_mib() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this program (VmHWM): unlike ru_maxrss, not inherited at fork."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _rss_mib() -> float:

@@ -269,3 +269,27 @@ def test_repeated_strides_take_the_first_level_and_indices_pick_any() -> None:
     assert by_stride.out_indices == [0]
     assert by_index.out_indices == [2]
     assert by_index.strides == [16]
+
+
+@pytest.mark.parametrize("runtime", ["eager", "channels_last"])
+def test_a_frozen_cpu_backbone_runs_large_batches_in_parts_with_the_same_features(
+    monkeypatch: pytest.MonkeyPatch, runtime: str
+) -> None:
+    from anomaly.backbones import _extractor
+
+    torch.manual_seed(0)
+    extractor = FeatureExtractor(
+        "efficientnet_lite0", strides=(8, 16), pretrained=False, runtime=runtime
+    )
+    images = torch.rand(6, 3, 64, 64)
+    calls: list[int] = []
+    extractor.model.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(_extractor, "_CPU_MICRO_BATCH", 100)
+    whole = extractor(images)
+    monkeypatch.setattr(_extractor, "_CPU_MICRO_BATCH", 4)
+    parts = extractor(images)
+    assert calls == [6, 4, 2]
+    for got, expected in zip(parts, whole, strict=True):
+        assert got.shape == expected.shape
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

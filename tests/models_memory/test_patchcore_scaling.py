@@ -216,7 +216,7 @@ def test_small_blocks_change_nothing(
         return out
 
     monkeypatch.setattr(torch, "addmm", recording_addmm)
-    monkeypatch.setattr(_search, "_DISTANCE_BLOCK", 256)  # distance blocks of 256 entries
+    monkeypatch.setattr(_search, "_BANK_BLOCK", 16)  # distance blocks of 16 x 16 entries
     monkeypatch.setattr(_search, "_QUERY_BLOCK", 16)
     monkeypatch.setattr(_coreset, "_CHUNK_ROWS", 100)  # stored and projected in 100-row chunks
     small = fitted(textures, coreset_mode="exact")

@@ -14,7 +14,7 @@ from anomaly._errors import ExportError
 from anomaly._module import AnomalyModule
 from anomaly._plugins import PluginManager
 
-__all__ = ["METADATA_SCHEMA_VERSION", "export_metadata", "export_checkpoint"]
+__all__ = ["METADATA_SCHEMA_VERSION", "export_checkpoint", "export_metadata"]
 
 METADATA_SCHEMA_VERSION = 1
 

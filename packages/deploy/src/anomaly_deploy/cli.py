@@ -141,7 +141,7 @@ def serve(
       anomaly serve results/export/onnx
       curl -F file=@part.png http://127.0.0.1:8000/predict
       curl -F file=@part.png 'http://127.0.0.1:8000/predict?output=mask'
-    """  # noqa: D301 - "\b" is click's no-rewrap marker and must stay a real backspace
+    """
     _require("fastapi", "serve")
     _require("uvicorn", "serve")
     import uvicorn
@@ -201,7 +201,7 @@ def gradio_app(host: str, port: int, device: str, max_upload_mb: float, artefact
     Examples:
       anomaly gradio results/export/onnx
       anomaly gradio results/export/openvino --port 7861
-    """  # noqa: D301 - "\b" is click's no-rewrap marker and must stay a real backspace
+    """
     _require("gradio", "gradio")
     # Gradio leaves asyncio loops for the garbage collector; not worth a warning per loop.
     warnings.filterwarnings("ignore", message="unclosed event loop", category=ResourceWarning)

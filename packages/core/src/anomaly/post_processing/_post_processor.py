@@ -35,7 +35,8 @@ def f1_optimal_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[fl
 
     Example:
         >>> import torch
-        >>> f1_optimal_threshold(torch.tensor([0.125, 0.5, 0.375, 0.75]), torch.tensor([0, 0, 1, 1]))
+        >>> scores = torch.tensor([0.125, 0.5, 0.375, 0.75])
+        >>> f1_optimal_threshold(scores, torch.tensor([0, 0, 1, 1]))
         (0.375, 0.8)
     """
     scores = scores.flatten().double()

@@ -22,6 +22,9 @@ __all__ = ["GaussianAccumulator", "PadimNet"]
 
 logger = logging.getLogger(__name__)
 
+# Positions whose covariance is inverted at once (float64 temporaries of 256 x d x d).
+_INVERSE_BLOCK = 256
+
 
 class GaussianAccumulator:
     """Running sums for one multivariate Gaussian per position, without keeping embeddings.
@@ -56,7 +59,10 @@ class GaussianAccumulator:
 
     def update(self, embedding: torch.Tensor) -> None:
         """Add a batch: (B, P, d) float."""
-        values = embedding.detach().to(self._pending_sum.device, torch.float32)
+        values = embedding.detach().to(self.sum.device, torch.float32)
+        if self._pending_outer.numel() == 0:  # released by compute
+            self._pending_sum = torch.zeros_like(self.sum, dtype=torch.float32)
+            self._pending_outer = torch.zeros_like(self.outer, dtype=torch.float32)
         if self.shift is None:
             self.shift = values.mean(dim=0)
         centered = (values - self.shift).transpose(0, 1).contiguous()  # (P, B, d)
@@ -107,18 +113,28 @@ class GaussianAccumulator:
         """Return ``(mean (P, d), inverse covariance (P, d, d))``, both float32.
 
         The covariance is the unbiased sample covariance plus ``epsilon * I`` (PaDiM, Eq. 1).
+        Positions are inverted in blocks of ``_INVERSE_BLOCK``: besides the float64 sums, only
+        the float32 result and one block of float64 temporaries exist at a time.
         """
         self._flush()
         if self.count < 1 or self.shift is None:
             msg = "PaDiM saw no training images; give the datamodule a non-empty train split"
             raise ConfigError(msg)
+        # The float32 staging sums are refilled (re-allocated) only if more images arrive.
+        self._pending_sum = self._pending_outer = torch.empty(0, device=self.sum.device)
+        positions, features = (int(size) for size in self.sum.shape)
         centered_mean = self.sum / self.count
-        scatter = self.outer - self.count * torch.einsum("pi,pj->pij", centered_mean, centered_mean)
-        covariance = scatter / max(1, self.count - 1)
-        identity = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-        inverse = torch.linalg.inv(covariance + epsilon * identity)
+        identity = torch.eye(features, dtype=torch.float64, device=self.sum.device)
+        inverse = torch.empty(positions, features, features, device=self.sum.device)
+        for begin in range(0, positions, _INVERSE_BLOCK):
+            end = min(begin + _INVERSE_BLOCK, positions)
+            mean = centered_mean[begin:end]
+            covariance = self.outer[begin:end] - self.count * torch.einsum("pi,pj->pij", mean, mean)
+            covariance /= max(1, self.count - 1)
+            covariance += epsilon * identity
+            inverse[begin:end] = torch.linalg.inv(covariance)
         mean = self.shift.double() + centered_mean
-        return mean.float(), inverse.float()
+        return mean.float(), inverse
 
 
 class PadimNet(nn.Module):
