@@ -189,6 +189,22 @@ def test_two_levels_embed_at_the_finer_stride(textures: dict[str, torch.Tensor])
     assert embedding.shape == (2, 64, 8, 8)
 
 
+def test_patch_padding_changes_border_patches_only(textures: dict[str, torch.Tensor]) -> None:
+    torch.manual_seed(0)
+    zeros = PatchcoreNet(strides=(8,), patch_padding="zeros")
+    exclude = PatchcoreNet(strides=(8,), patch_padding="exclude")
+    exclude.load_state_dict(zeros.state_dict())
+    with torch.no_grad():
+        features = zeros.feature_extractor(textures["train"][:2])[0]
+        padded, inside = zeros.embed(textures["train"][:2]), exclude.embed(textures["train"][:2])
+    # Inner patches see no padding: both agree there.
+    torch.testing.assert_close(padded[..., 1:-1, 1:-1], inside[..., 1:-1, 1:-1])
+    # A corner averages 4 of 9 cells: zero padding scales the in-map average by 4 / 9.
+    corner = features[..., :2, :2].mean(dim=(-2, -1))
+    torch.testing.assert_close(inside[..., 0, 0], corner, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(padded[..., 0, 0], corner * 4 / 9, rtol=1e-5, atol=1e-6)
+
+
 def test_without_reweighting_the_score_is_the_largest_patch_distance(
     textures: dict[str, torch.Tensor],
 ) -> None:
@@ -226,6 +242,7 @@ def test_without_reweighting_the_score_is_the_largest_patch_distance(
         ({"search_backend": "annoy"}, "search_backend must be one of 'torch', 'faiss'"),
         ({"backbone_runtime": "tensorrt"}, "runtime"),
         ({"coreset_threads": 0}, "coreset_threads"),
+        ({"patch_padding": "reflect"}, "patch_padding must be one of 'zeros', 'exclude'"),
     ],
 )
 def test_bad_options_raise_config_error(options: dict[str, object], match: str) -> None:

@@ -109,15 +109,21 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
 
 
 def embedding_stack(
-    features: Sequence[torch.Tensor], mode: str = "bilinear", patch_size: int = 1
+    features: Sequence[torch.Tensor],
+    mode: str = "bilinear",
+    patch_size: int = 1,
+    *,
+    count_padding: bool = False,
 ) -> torch.Tensor:
     """Resize feature maps to the largest one and concatenate them along channels.
 
     Args:
         features: (B, C_i, h_i, w_i) maps.
         mode: ``bilinear`` or ``nearest`` interpolation for the smaller maps.
-        patch_size: Side of the local average taken on each map first (1: none); stride 1,
-            zero padding excluded from the average so borders are not darkened.
+        patch_size: Side of the local average taken on each map first (1: none); stride 1.
+        count_padding: Average border cells over the whole window, zero padding included
+            (borders darken, as in PatchCore's reference code); False averages over the cells
+            inside the map only.
 
     Returns:
         (B, sum C_i, h, w) with (h, w) the largest map size.
@@ -125,7 +131,11 @@ def embedding_stack(
     if patch_size > 1:
         features = [
             F.avg_pool2d(
-                feature, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False
+                feature,
+                patch_size,
+                stride=1,
+                padding=patch_size // 2,
+                count_include_pad=count_padding,
             )
             for feature in features
         ]

@@ -321,11 +321,11 @@ class FeatureExtractor(nn.Module):
     def _run(self, image: torch.Tensor) -> list[torch.Tensor]:
         runtime = self.runtime
         if (
-            runtime in (BackboneRuntime.EAGER, BackboneRuntime.CHANNELS_LAST)
+            not _tracing()  # first: exporters must never see the size test below
+            and runtime in (BackboneRuntime.EAGER, BackboneRuntime.CHANNELS_LAST)
             and not self.trainable
             and image.device.type == "cpu"
             and image.shape[0] > _CPU_MICRO_BATCH
-            and not _tracing()
         ):
             # Frozen torch backbones on a CPU run a few images at a time: the activations of
             # large batches outgrow the caches and the allocator's reusable blocks (each is

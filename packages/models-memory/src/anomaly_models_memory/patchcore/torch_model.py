@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BankDtype",
+    "PatchPadding",
     "PatchcoreNet",
     "SearchBackend",
     "greedy_coreset",
@@ -57,6 +58,22 @@ class BankDtype(enum.StrEnum):
     def torch_dtype(self) -> torch.dtype:
         """The matching ``torch.dtype``."""
         return torch.float16 if self is BankDtype.FLOAT16 else torch.float32
+
+
+class PatchPadding(enum.StrEnum):
+    """How a border patch averages its neighbourhood, part of which lies outside the map.
+
+    - ``zeros``: over the whole window, the outside counted as zeros (PatchCore's reference
+      code and Anomalib): border embeddings shrink, which sets them apart from inner ones.
+    - ``exclude``: over the cells inside the map only.
+
+    On MTD's magnetic tiles (100 training images, exact coreset, 256 px) ``zeros`` scored
+    image AUROC 0.838 against 0.819, and ``exclude`` localized better: pixel AUROC 0.753
+    against 0.734, AUPRO 0.636 against 0.534.
+    """
+
+    ZEROS = "zeros"
+    EXCLUDE = "exclude"
 
 
 def reweight_scores(
@@ -115,6 +132,7 @@ class PatchcoreNet(nn.Module):
         pretrained: Load pretrained weights (see ``anomaly.backbones.FeatureExtractor``).
         pretrained_weights: Local weight file for the backbone.
         patch_size: Side of the local neighbourhood averaged into each patch (odd).
+        patch_padding: How border patches average their neighbourhood (see ``PatchPadding``).
         embedding_dim: Channels kept by average pooling along channels; None keeps all.
         num_neighbors: ``b`` of the image-score re-weighting (Eq. 7); 0 turns it off.
         sigma: Gaussian smoothing of the anomaly map, in input pixels; 0 turns it off.
@@ -138,6 +156,7 @@ class PatchcoreNet(nn.Module):
         pretrained: bool = True,
         pretrained_weights: str | os.PathLike[str] | None = None,
         patch_size: int = 3,
+        patch_padding: str = "zeros",
         embedding_dim: int | None = None,
         num_neighbors: int = 9,
         sigma: float = 4.0,
@@ -168,6 +187,7 @@ class PatchcoreNet(nn.Module):
             )
             raise ConfigError(msg)
         self.patch_size = patch_size
+        self.patch_padding = check_choice("patch_padding", patch_padding, PatchPadding)
         self.embedding_dim = embedding_dim if embedding_dim is not None else channels
         self.num_neighbors = num_neighbors
         self.blur = GaussianBlur2d(sigma)
@@ -188,7 +208,12 @@ class PatchcoreNet(nn.Module):
             (B, D, h, w) float32, (h, w) the size of the finest chosen feature map.
         """
         features = self.feature_extractor(imagenet_normalize(image))
-        embedding = embedding_stack(features, mode="bilinear", patch_size=self.patch_size)
+        embedding = embedding_stack(
+            features,
+            mode="bilinear",
+            patch_size=self.patch_size,
+            count_padding=self.patch_padding is PatchPadding.ZEROS,
+        )
         if embedding.shape[1] != self.embedding_dim:
             batch, channels, height, width = embedding.shape
             flat = embedding.permute(0, 2, 3, 1).reshape(-1, 1, channels)
