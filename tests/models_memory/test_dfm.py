@@ -194,8 +194,9 @@ def test_forward_exports_with_a_dynamic_batch(
     with torch.no_grad():
         expected = model.model(images)
         got = program.module()(images)
-    torch.testing.assert_close(got[0], expected[0])
-    torch.testing.assert_close(got[1], expected[1])
+    # The eager backbone runs batches above 4 images in parts; the program runs them whole.
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
 
 
 def test_other_image_sizes_are_refused(model: Dfm) -> None:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from anomaly import ConfigError, get_plugin_manager
 from anomaly._batch import collate
+from anomaly.backbones import imagenet_normalize
 from anomaly_models_memory import NotFittedError, Patchcore, PatchcoreNet
 from anomaly_models_memory.patchcore.torch_model import (
     greedy_coreset,
@@ -195,7 +196,7 @@ def test_patch_padding_changes_border_patches_only(textures: dict[str, torch.Ten
     exclude = PatchcoreNet(strides=(8,), patch_padding="exclude")
     exclude.load_state_dict(zeros.state_dict())
     with torch.no_grad():
-        features = zeros.feature_extractor(textures["train"][:2])[0]
+        features = zeros.feature_extractor(imagenet_normalize(textures["train"][:2]))[0]
         padded, inside = zeros.embed(textures["train"][:2]), exclude.embed(textures["train"][:2])
     # Inner patches see no padding: both agree there.
     torch.testing.assert_close(padded[..., 1:-1, 1:-1], inside[..., 1:-1, 1:-1])
