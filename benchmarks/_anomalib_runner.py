@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _memory import peak_rss_mib, rss_mib
 
 # No hub access, ever: the weights come from a local file.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,21 +87,6 @@ def check_weights(extractor: Any, weights: str) -> dict[str, Any]:
             key: float(state[key].double().sum()) for key in FINGERPRINT_KEYS if key in state
         },
     }
-
-
-def _rss_mib() -> float:
-    """Resident memory of this process now (imports, model and data set up)."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory of this program (VmHWM: since its exec, unlike ``ru_maxrss``)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
 
 
 def build_model(job: dict[str, Any]) -> Any:
@@ -225,7 +211,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    rss_before_fit = _rss_mib()
+    rss_before_fit = rss_mib()
     fit_start = time.perf_counter()
     fit_cpu_start = time.process_time()
     engine.fit(model=model, datamodule=datamodule)
@@ -254,7 +240,7 @@ def main() -> None:
     result = {
         "library": "anomalib",
         "rss_before_fit_mib": rss_before_fit,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "version": anomalib.__version__,
         "torch": torch.__version__,
         "model": job["model"],

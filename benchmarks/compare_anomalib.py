@@ -77,6 +77,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _memory import peak_rss_mib, rss_mib
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO / ".." / "shared" / "datasets" / "mtd"
 DEFAULT_VENV = Path("~/.cache/anomaly-bench/anomalib-2.7").expanduser()
@@ -407,21 +409,6 @@ def run_child(
     )
 
 
-def _rss_mib() -> float:
-    """Resident memory of this process now (imports, model and data set up)."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory of this program (VmHWM: since its exec, unlike ``ru_maxrss``)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return math.nan
-
-
 def ours_worker(job_file: Path) -> None:
     """Fit and predict one of our models through ``anomaly.Engine`` (in a child process)."""
     import functools
@@ -488,7 +475,7 @@ def ours_worker(job_file: Path) -> None:
     model.fit_end = timed_fit_end
     collector = Collector()
     engine = Engine(plugin_manager=pm, accelerator="cpu", devices=1, callbacks=[collector])
-    rss_before_fit = _rss_mib()
+    rss_before_fit = rss_mib()
     fit_start = time.perf_counter()
     fit_cpu_start = time.process_time()
     fitted = engine.fit(model, data)
@@ -515,7 +502,7 @@ def ours_worker(job_file: Path) -> None:
     result = {
         "library": "ours",
         "rss_before_fit_mib": rss_before_fit,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "model": job["model"],
         "options": job["options"],
         "strides": list(model.model.feature_extractor.strides),

@@ -39,7 +39,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _memory import peak_rss_mib
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "datasets" / "mtd"
@@ -178,18 +178,8 @@ def _worker(job_file: str) -> None:
     if job.get("scores"):
         outputs = [run(images[i : i + 8]) for i in range(0, len(images), 8)]
         result["pred_score"] = np.concatenate([out[0] for out in outputs]).tolist()
-    result["peak_rss_mib"] = _peak_rss_mib()
+    result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory of this process (VmHWM): unlike ru_maxrss, not inherited at fork."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _run_job(job: dict[str, Any], folder: Path, timeout: float = 1800) -> dict[str, Any]:

@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from _memory import peak_rss_mib, rss_mib
 
 DEFAULT_CATEGORY = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "mtd" / "magnetic_tile"
@@ -39,22 +39,6 @@ DEFAULT_MODEL = "anomaly_models_memory.patchcore:Patchcore"
 
 
 # --- child process: one fit ----------------------------------------------------------------
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory of this program (VmHWM): unlike ru_maxrss, not inherited at fork."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _load(path: Path, size: int) -> Any:
@@ -113,7 +97,7 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
     count = args.images or len(good)
     train = list(itertools.islice(itertools.cycle(good), count))
     model = _build_model(args, args.mode)
-    rss_before = _rss_mib()
+    rss_before = rss_mib()
     collect_seconds = 0.0
     for images in _batches(train, args.image_size, args.batch_size):
         start = time.perf_counter()
@@ -135,8 +119,8 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
         "embed_s": round(embed_seconds, 2),
         "coreset_s": round(coreset_seconds, 2),
         "rss_before_mib": round(rss_before, 1),
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
-        "fit_mib": round(_peak_rss_mib() - rss_before, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "fit_mib": round(peak_rss_mib() - rss_before, 1),
         "threads": torch.get_num_threads(),
     }
     with torch.inference_mode():
