@@ -105,7 +105,7 @@ def _load_runner(job: dict[str, Any]) -> Any:
             return list(session.run(None, {"image": batch}))
 
         return run_ort
-    if kind == "openvino":
+    if kind in {"openvino", "backbone-openvino"}:  # the backbone's IR runs the same way
         import openvino as ov
 
         config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -132,20 +132,6 @@ def _load_runner(job: dict[str, Any]) -> Any:
             return [feature.numpy() for feature in features]
 
         return run_backbone
-    if kind == "backbone-openvino":
-        import openvino as ov
-
-        settings = {"PERFORMANCE_HINT": "LATENCY"}
-        if job.get("hint"):
-            settings["INFERENCE_PRECISION_HINT"] = job["hint"]
-        compiled = ov.Core().compile_model(job["path"], "CPU", settings)
-        request = compiled.create_infer_request()
-
-        def run_backbone_ov(batch: np.ndarray) -> list[np.ndarray]:
-            results = request.infer({0: batch})
-            return [np.array(results[port]) for port in compiled.outputs]
-
-        return run_backbone_ov
     msg = f"unknown job kind {kind!r}"
     raise ValueError(msg)
 

@@ -319,10 +319,9 @@ class FeatureExtractor(nn.Module):
         return [features[position] for position in self._order]
 
     def _run(self, image: torch.Tensor) -> list[torch.Tensor]:
-        runtime = self.runtime
         if (
             not _tracing()  # first: exporters must never see the size test below
-            and runtime in (BackboneRuntime.EAGER, BackboneRuntime.CHANNELS_LAST)
+            and self.runtime in (BackboneRuntime.EAGER, BackboneRuntime.CHANNELS_LAST)
             and not self.trainable
             and image.device.type == "cpu"
             and image.shape[0] > _CPU_MICRO_BATCH
